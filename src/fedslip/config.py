@@ -1,0 +1,250 @@
+"""Run configuration: dataclasses, presets, TOML loading, `--set` overrides and validation.
+
+Everything a run needs is in one `Config`, validated once (`validate`) before anything is read or written,
+so a bad value is reported as one `UserError` line and nothing is half-done.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedslip.errors import UserError
+
+DEFAULT_BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@dataclass
+class DataConfig:
+    source: str = "ag_news"  # ag_news | csv | jsonl | hf | synthetic
+    data_dir: str | None = None  # AG News folder; else $FEDSLIP_DATA_DIR; else the hub
+    train_file: str | None = None  # csv/jsonl sources
+    test_file: str | None = None  # csv/jsonl sources; without it a test_fraction is held out
+    test_fraction: float = 0.2
+    text_columns: list[str] = field(default_factory=lambda: ["text"])
+    label_column: str = "label"
+    num_classes: int | None = None  # None: inferred from the training labels
+    hf_name: str = "fancyzhx/ag_news"  # source = "hf": any hub dataset with text/label columns
+    synthetic_per_class: int = 300  # source = "synthetic": examples per class in each split
+
+
+@dataclass
+class PartitionConfig:
+    scheme: str = "dominant"  # dominant | dirichlet | pathological | iid
+    n_clients: int = 4
+    rho: float = 0.8  # dominant: share of a client's examples from its own class
+    n_train: int = 2000  # per client (dominant, iid)
+    n_test: int = 500  # per client
+    n_global_test: int = 400  # per class, disjoint from every client's test set
+    alpha: float = 0.5  # dirichlet concentration
+    classes_per_client: int = 2  # pathological
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = DEFAULT_BACKBONE
+    max_length: int = 128
+    target_modules: list[str] | None = None  # None: PEFT's mapping for the architecture
+
+
+@dataclass
+class TrainConfig:
+    rounds: int = 30
+    local_epochs: int = 2
+    local_only_epochs: int = 5  # `local` method: epochs of purely local training
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    client_fraction: float = 1.0
+    seed: int = 0
+    eval_every: int = 1  # evaluate every k rounds (the last round is always evaluated)
+    eval_batch_size: int = 128
+
+
+@dataclass
+class MethodConfig:
+    name: str = "fedslip"
+    # global track (also the single LoRA of fedavg/local)
+    r_g: int = 8
+    alpha_g: float = 16.0
+    dropout: float = 0.1
+    # private track
+    r_p: int = 32
+    alpha_p: float = 64.0
+    sparsity: float = 0.75  # fraction of private weights zeroed by the magnitude mask
+    warmup_rounds: int = 10
+    lambda_p: float = 0.6
+    private_lr_scale: float = 0.5
+    mu: float = 0.1  # FedProx on the global track (fedslip)
+    fedavg_mu: float = 0.0  # FedProx for fedavg (0 = plain FedAvg)
+    kstep: bool = True  # fedavg: K-step personalization after the last round
+    head: str | None = None  # shared | local | frozen; None: the method's own default
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# The reference protocol (AG News, 4 clients, 80 % dominant class, 30 rounds x 2 epochs) is the default.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "paper": {},
+    # Same shape (4 dominant-class clients, all methods, warmup then private steps), small enough for
+    # 2 CPU cores in a few minutes. Fewer examples and rounds, so a larger learning rate.
+    "quick": {
+        "partition": {"n_train": 192, "n_test": 100, "n_global_test": 50},
+        "model": {"max_length": 64},
+        "train": {"rounds": 4, "local_epochs": 1, "local_only_epochs": 3, "lr": 5e-4},
+        "method": {"warmup_rounds": 1},
+    },
+}
+
+def _section_classes() -> dict[str, type]:
+    return {"data": DataConfig, "partition": PartitionConfig, "model": ModelConfig,
+            "train": TrainConfig, "method": MethodConfig}
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, dict[str, Any]], origin: str) -> Config:
+    """Return a copy of `cfg` with `{section: {key: value}}` applied; unknown keys are user errors."""
+    cfg = copy.deepcopy(cfg)
+    classes = _section_classes()
+    for section, values in overrides.items():
+        if section not in classes:
+            raise UserError(f"{origin}: unknown section [{section}] (known: {', '.join(classes)})")
+        if not isinstance(values, dict):
+            raise UserError(f"{origin}: [{section}] must be a table of key = value")
+        target = getattr(cfg, section)
+        known = {f.name for f in dataclasses.fields(classes[section])}
+        for key, value in values.items():
+            if key not in known:
+                raise UserError(f"{origin}: unknown key {section}.{key} (known: {', '.join(sorted(known))})")
+            setattr(target, key, value)
+    return cfg
+
+
+def parse_set(items: list[str]) -> dict[str, dict[str, Any]]:
+    """Parse `--set section.key=value` items; values are TOML literals, else plain strings."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise UserError(f"--set {item!r}: expected section.key=value, e.g. train.rounds=3")
+        dotted, raw = item.split("=", 1)
+        section, key = dotted.strip().split(".", 1)
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        out.setdefault(section, {})[key] = value
+    return out
+
+
+def load_config(path: str | None = None, preset: str | None = None, method: str | None = None,
+                sets: list[str] | None = None) -> Config:
+    """Preset, then TOML file, then `--method`, then `--set` overrides; validated at the end."""
+    cfg = Config()
+    if preset is not None:
+        if preset not in PRESETS:
+            raise UserError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+        cfg = apply_overrides(cfg, PRESETS[preset], f"preset {preset}")
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            table = tomllib.loads(p.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: not valid TOML ({e})") from None
+        cfg = apply_overrides(cfg, table, path)
+    if method is not None:
+        cfg.method.name = method
+    if sets:
+        cfg = apply_overrides(cfg, parse_set(sets), "--set")
+    validate(cfg)
+    return cfg
+
+
+def _check_types(cfg: Config) -> None:
+    for section, cls in _section_classes().items():
+        obj = getattr(cfg, section)
+        for f in dataclasses.fields(cls):
+            value = getattr(obj, f.name)
+            default = getattr(cls(), f.name)
+            name = f"{section}.{f.name}"
+            if value is None or default is None:
+                continue
+            if isinstance(default, bool):
+                ok = isinstance(value, bool)
+            elif isinstance(default, int):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif isinstance(default, float):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if ok:
+                    setattr(obj, f.name, float(value))
+            elif isinstance(default, list):
+                ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+            else:
+                ok = isinstance(value, type(default))
+            if not ok:
+                raise UserError(f"{name} = {value!r}: expected {type(default).__name__}")
+
+
+def validate(cfg: Config) -> None:
+    """Check ranges and names; raise one UserError naming the first bad value."""
+    from fedslip.methods import METHODS  # late import: methods import torch
+
+    _check_types(cfg)
+    d, p, t, m = cfg.data, cfg.partition, cfg.train, cfg.method
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise UserError(msg)
+
+    need(d.source in ("ag_news", "csv", "jsonl", "hf", "synthetic"),
+         f"data.source = {d.source!r}: expected ag_news, csv, jsonl, hf or synthetic")
+    need(0 < d.test_fraction < 1, f"data.test_fraction = {d.test_fraction}: must be in (0, 1)")
+    need(len(d.text_columns) > 0, "data.text_columns must name at least one column")
+    need(d.num_classes is None or d.num_classes >= 2, f"data.num_classes = {d.num_classes}: must be >= 2")
+    need(p.scheme in ("dominant", "dirichlet", "pathological", "iid"),
+         f"partition.scheme = {p.scheme!r}: expected dominant, dirichlet, pathological or iid")
+    need(p.n_clients >= 1, f"partition.n_clients = {p.n_clients}: must be >= 1")
+    need(0 <= p.rho <= 1, f"partition.rho = {p.rho}: must be in [0, 1]")
+    need(p.n_train >= 1, f"partition.n_train = {p.n_train}: must be >= 1")
+    need(p.n_test >= 1, f"partition.n_test = {p.n_test}: must be >= 1")
+    need(p.n_global_test >= 1, f"partition.n_global_test = {p.n_global_test}: must be >= 1")
+    need(p.alpha > 0, f"partition.alpha = {p.alpha}: must be > 0")
+    need(p.classes_per_client >= 1, f"partition.classes_per_client = {p.classes_per_client}: must be >= 1")
+    need(cfg.model.max_length >= 8, f"model.max_length = {cfg.model.max_length}: must be >= 8")
+    need(t.rounds >= 1, f"train.rounds = {t.rounds}: must be >= 1")
+    need(t.local_epochs >= 1, f"train.local_epochs = {t.local_epochs}: must be >= 1")
+    need(t.local_only_epochs >= 1, f"train.local_only_epochs = {t.local_only_epochs}: must be >= 1")
+    need(t.batch_size >= 1, f"train.batch_size = {t.batch_size}: must be >= 1")
+    need(t.lr > 0, f"train.lr = {t.lr}: must be > 0")
+    need(t.weight_decay >= 0, f"train.weight_decay = {t.weight_decay}: must be >= 0")
+    need(t.clip > 0, f"train.clip = {t.clip}: must be > 0")
+    need(0 < t.client_fraction <= 1, f"train.client_fraction = {t.client_fraction}: must be in (0, 1]")
+    need(t.eval_every >= 1, f"train.eval_every = {t.eval_every}: must be >= 1")
+    need(t.eval_batch_size >= 1, f"train.eval_batch_size = {t.eval_batch_size}: must be >= 1")
+    need(m.name in METHODS, f"unknown method {m.name!r} (known: {', '.join(METHODS)})")
+    need(m.r_g >= 1, f"method.r_g = {m.r_g}: must be >= 1")
+    need(m.r_p >= 1, f"method.r_p = {m.r_p}: must be >= 1")
+    need(m.alpha_g > 0 and m.alpha_p > 0, "method.alpha_g and method.alpha_p must be > 0")
+    need(0 <= m.dropout < 1, f"method.dropout = {m.dropout}: must be in [0, 1)")
+    need(0 <= m.sparsity < 1, f"method.sparsity = {m.sparsity}: must be in [0, 1)")
+    need(m.warmup_rounds >= 0, f"method.warmup_rounds = {m.warmup_rounds}: must be >= 0")
+    need(m.lambda_p > 0, f"method.lambda_p = {m.lambda_p}: must be > 0")
+    need(m.private_lr_scale > 0, f"method.private_lr_scale = {m.private_lr_scale}: must be > 0")
+    need(m.mu >= 0 and m.fedavg_mu >= 0, "method.mu and method.fedavg_mu must be >= 0")
+    need(m.head in (None, "shared", "local", "frozen"),
+         f"method.head = {m.head!r}: expected shared, local or frozen")

@@ -1,0 +1,2 @@
+"""Data: loading text-classification datasets (`sources`, `synthetic`) and splitting them over clients
+(`partition`)."""

@@ -1,0 +1,346 @@
+"""Load a text-classification dataset into `TextData`: AG News, CSV/JSONL files, a hub dataset, or synthetic.
+
+Whatever the source, the result has the same shape: `train` and `test` Datasets with exactly the columns
+`text` (str) and `label` (int64 in 0..num_classes-1). Every problem the user can fix (missing folder, missing
+column, bad label) is one `UserError` line that names the file/column/value and says what to do.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import datasets
+import numpy as np
+
+from fedslip.config import DataConfig
+from fedslip.errors import UserError
+
+AG_NEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
+DATA_DIR_ENV = "FEDSLIP_DATA_DIR"
+HOLDOUT_SEED = 0  # fixed: the train/test hold-out must not move when the run seed changes
+FEATURES = datasets.Features({"text": datasets.Value("string"), "label": datasets.Value("int64")})
+_INT_RE = re.compile(r"[+-]?\d+")
+
+
+@dataclass
+class TextData:
+    train: datasets.Dataset
+    test: datasets.Dataset
+    label_names: list[str]
+    num_classes: int
+    description: str
+
+
+def load_data(cfg: DataConfig) -> TextData:
+    """Load the dataset that `cfg.source` names (ag_news | csv | jsonl | hf | synthetic)."""
+    if cfg.source == "ag_news":
+        return _load_ag_news(cfg)
+    if cfg.source in ("csv", "jsonl"):
+        return _load_files(cfg)
+    if cfg.source == "hf":
+        return _load_hub(cfg)
+    if cfg.source == "synthetic":
+        from fedslip.data.synthetic import load_synthetic  # late: synthetic imports TextData from here
+
+        return load_synthetic(cfg)
+    raise UserError(f"data.source = {cfg.source!r}: expected ag_news, csv, jsonl, hf or synthetic")
+
+
+def make_dataset(texts: list[str], labels: list[int] | np.ndarray) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({"text": list(texts), "label": [int(x) for x in labels]},
+                                      features=FEATURES)
+
+
+# ---------------------------------------------------------------- AG News
+
+
+def _load_ag_news(cfg: DataConfig) -> TextData:
+    if cfg.data_dir:
+        folder, origin = cfg.data_dir, "data.data_dir"
+    elif os.environ.get(DATA_DIR_ENV):
+        folder, origin = os.environ[DATA_DIR_ENV], DATA_DIR_ENV
+    else:
+        return _ag_news_from_hub(cfg.hf_name)
+    root = Path(folder).expanduser()
+    need = "a folder with train.csv and test.csv (AG News, label,title,description)"
+    if not root.is_dir():
+        raise UserError(f"{origin} = {folder}: folder not found; pass --data-dir DIR ({need})")
+    for name in ("train.csv", "test.csv"):
+        if not (root / name).is_file():
+            raise UserError(f"{origin} = {folder}: {root / name} not found; pass --data-dir DIR ({need})")
+    train_texts, train_labels = read_ag_news_csv(root / "train.csv")
+    test_texts, test_labels = read_ag_news_csv(root / "test.csv")
+    return TextData(make_dataset(train_texts, train_labels), make_dataset(test_texts, test_labels),
+                    list(AG_NEWS_LABELS), len(AG_NEWS_LABELS),
+                    f"AG News from {root} (train {len(train_labels)}, test {len(test_labels)})")
+
+
+def read_ag_news_csv(path: Path) -> tuple[list[str], list[int]]:
+    """Read one AG News CSV: ours (header `label,title,description`, labels 0..3) or the original
+    (no header, `class,title,description`, labels 1..4). The first row's first field tells them apart.
+    text = title + " " + description, as in the hub's `ag_news`."""
+    texts: list[str] = []
+    labels: list[int] = []
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        first = next(reader, None)
+        if first is None:
+            raise UserError(f"{path}: empty file; expected AG News rows label,title,description")
+        has_header = not (first and _INT_RE.fullmatch(first[0].strip()))
+        if has_header and [c.strip().lower() for c in first] != ["label", "title", "description"]:
+            raise UserError(f"{path}: header {','.join(first)!r} is not label,title,description "
+                            "(or use the original headerless class,title,description format)")
+        offset = 0 if has_header else 1  # the original files count classes from 1
+        rows = reader if has_header else itertools.chain([first], reader)
+        for row in rows:
+            if len(row) != 3:
+                raise UserError(f"{path}: line {reader.line_num} has {len(row)} fields; expected 3 "
+                                "(label,title,description)")
+            raw = row[0].strip()
+            if not _INT_RE.fullmatch(raw):
+                raise UserError(f"{path}: line {reader.line_num}: label {raw!r} is not an integer")
+            label = int(raw) - offset
+            if not 0 <= label < len(AG_NEWS_LABELS):
+                allowed = "1..4 (headerless original format)" if offset else "0..3"
+                raise UserError(f"{path}: line {reader.line_num}: label {raw} outside {allowed}; "
+                                "fix the file or use the other AG News format consistently")
+            texts.append(f"{row[1]} {row[2]}")
+            labels.append(label)
+    if not labels:
+        raise UserError(f"{path}: no data rows")
+    return texts, labels
+
+
+def _ag_news_from_hub(name: str) -> TextData:
+    hint = (f"no AG News data: pass --data-dir DIR (a folder with train.csv and test.csv) or set "
+            f"{DATA_DIR_ENV}, or run with network access to the Hugging Face hub")
+    if not hub_reachable():
+        raise UserError(hint)
+    try:
+        dd = datasets.load_dataset(name)
+        train, test = dd["train"], dd["test"]
+        texts = {s: list(d["text"]) for s, d in (("train", train), ("test", test))}
+        labels = {s: np.asarray(d["label"], dtype=np.int64) for s, d in (("train", train), ("test", test))}
+    except Exception as e:  # noqa: BLE001 - any hub/cache failure means "no data here"
+        raise UserError(f"{hint} ({name}: {_first_line(e)})") from None
+    for split, lab in labels.items():
+        bad = lab[(lab < 0) | (lab >= len(AG_NEWS_LABELS))]
+        if len(bad):
+            raise UserError(f"hub dataset {name} ({split}): label {int(bad[0])} outside 0..3; is it AG News?")
+    return TextData(make_dataset(texts["train"], labels["train"]), make_dataset(texts["test"], labels["test"]),
+                    list(AG_NEWS_LABELS), len(AG_NEWS_LABELS),
+                    f"AG News from the hub ({name}; train {len(labels['train'])}, test {len(labels['test'])})")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Cheap check before `load_dataset`, which retries for ~25 s when there is no network.
+
+    In offline mode (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) or behind a proxy we cannot tell cheaply, so we
+    say yes and let `load_dataset` answer (from its cache, quickly, in offline mode)."""
+    env = {k: os.environ.get(k, "").lower() for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    if any(v in ("1", "true", "yes", "on") for v in env.values()):
+        return True
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
+
+
+# ---------------------------------------------------------------- CSV / JSONL files
+
+
+def _load_files(cfg: DataConfig) -> TextData:
+    if not cfg.train_file:
+        raise UserError(f"data.source = {cfg.source}: set data.train_file (and optionally data.test_file)")
+    read = _read_csv if cfg.source == "csv" else _read_jsonl
+    cols = [*cfg.text_columns, cfg.label_column]
+    train_rows = read(_existing(cfg.train_file, "data.train_file"), cols)
+    train_texts, train_raw = _texts_and_labels(train_rows, cfg, cfg.train_file)
+    if cfg.test_file:
+        test_rows = read(_existing(cfg.test_file, "data.test_file"), cols)
+        test_texts, test_raw = _texts_and_labels(test_rows, cfg, cfg.test_file)
+    else:
+        test_texts, test_raw = [], []
+    files = {"train": cfg.train_file, "test": cfg.test_file or cfg.train_file}
+    train_ids, test_ids, names = encode_labels(train_raw, test_raw, cfg.num_classes, files)
+    if not cfg.test_file:
+        tr, te = stratified_holdout(train_ids, cfg.test_fraction)
+        test_texts, test_ids = [train_texts[i] for i in te], train_ids[te]
+        train_texts, train_ids = [train_texts[i] for i in tr], train_ids[tr]
+        if len(test_ids) == 0:
+            raise UserError(f"{cfg.train_file}: too few rows to hold out a test set; raise data.test_fraction "
+                            "or pass data.test_file")
+    where = cfg.train_file + (f" + {cfg.test_file}" if cfg.test_file else f" (test: {cfg.test_fraction:g} held out)")
+    return TextData(make_dataset(train_texts, train_ids), make_dataset(test_texts, test_ids), names, len(names),
+                    f"{cfg.source} {where} (train {len(train_ids)}, test {len(test_ids)})")
+
+
+def _existing(path: str, key: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"{key} = {path}: file not found")
+    return p
+
+
+def _read_csv(path: Path, columns: list[str]) -> list[dict]:
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        present = reader.fieldnames or []
+        _check_columns(path, columns, present)
+        rows = list(reader)
+    if not rows:
+        raise UserError(f"{path}: no data rows")
+    return rows
+
+
+def _read_jsonl(path: Path, columns: list[str]) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8-sig") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}: line {n} is not a JSON object")
+            rows.append(row)
+    if not rows:
+        raise UserError(f"{path}: no data rows")
+    _check_columns(path, columns, list(rows[0]))
+    return rows
+
+
+def _check_columns(path, wanted: list[str], present: list[str]) -> None:
+    for col in wanted:
+        if col not in present:
+            raise UserError(f"{path}: no column {col!r} (columns: {', '.join(present) or 'none'}); "
+                            "set data.text_columns / data.label_column")
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip())
+
+
+def _texts_and_labels(rows: list[dict], cfg: DataConfig, file: str) -> tuple[list[str], list]:
+    """Join the text columns with " " (missing text counts as ""); a missing label is an error."""
+    texts, labels = [], []
+    for n, row in enumerate(rows, start=1):
+        label = row.get(cfg.label_column)
+        if _missing(label):
+            raise UserError(f"{file}: row {n}: missing {cfg.label_column!r}; fill it in or remove the row")
+        texts.append(" ".join("" if _missing(row.get(c)) else str(row.get(c)) for c in cfg.text_columns))
+        labels.append(label)
+    return texts, labels
+
+
+def _as_int(v) -> int | None:
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, str) and _INT_RE.fullmatch(v.strip()):
+        return int(v.strip())
+    return None
+
+
+def encode_labels(train: list, test: list, num_classes: int | None,
+                  files: dict[str, str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Integer labels are used as they are (range 0..num_classes-1, num_classes = the given one or max+1);
+    otherwise the sorted distinct label names become 0..n-1. Returns (train ids, test ids, label names)."""
+    everything = list(train) + list(test)
+    ints = [_as_int(v) for v in everything]
+    if all(i is not None for i in ints):
+        n = num_classes if num_classes is not None else max(ints) + 1
+        for split, values in (("train", train), ("test", test)):
+            for v in values:
+                if not 0 <= _as_int(v) < n:
+                    raise UserError(f"{files[split]}: label {_as_int(v)} outside 0..{n - 1}; fix the label"
+                                    + ("" if num_classes is None else " or raise data.num_classes"))
+        names = [str(i) for i in range(n)]
+        ids = np.asarray(ints, dtype=np.int64)
+    else:
+        strings = [str(v).strip() for v in everything]
+        names = sorted(set(strings))
+        if num_classes is not None and num_classes != len(names):
+            raise UserError(f"{files['train']}: {len(names)} distinct labels ({', '.join(names[:10])}) but "
+                            f"data.num_classes = {num_classes}; remove data.num_classes or fix the labels")
+        index = {name: i for i, name in enumerate(names)}
+        ids = np.asarray([index[s] for s in strings], dtype=np.int64)
+    if len(names) < 2:
+        raise UserError(f"{files['train']}: only one class ({names[0]}); need at least 2 labels")
+    return ids[:len(train)], ids[len(train):], names
+
+
+def stratified_holdout(labels: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out round(fraction * n_c) examples of each class c (seeded, fixed); returns sorted (train, test)
+    indices so both keep the file's order."""
+    rng = np.random.default_rng(HOLDOUT_SEED)
+    test = []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        test.append(idx[:int(math.floor(fraction * len(idx) + 0.5))])
+    test_idx = np.sort(np.concatenate(test)) if test else np.empty(0, dtype=np.int64)
+    train_idx = np.setdiff1d(np.arange(len(labels)), test_idx)
+    return train_idx.astype(np.int64), test_idx.astype(np.int64)
+
+
+# ---------------------------------------------------------------- any hub dataset
+
+
+def _load_hub(cfg: DataConfig) -> TextData:
+    name = cfg.hf_name
+    if not hub_reachable():
+        raise UserError(f"data.hf_name = {name}: the Hugging Face hub is not reachable; run with network "
+                        "access (or HF_HUB_OFFLINE=1 with the dataset cached), or use data.source = csv/jsonl")
+    try:
+        dd = datasets.load_dataset(name)
+    except Exception as e:  # noqa: BLE001 - network, auth, missing dataset: all fixable by the user
+        raise UserError(f"data.hf_name = {name}: could not load ({_first_line(e)})") from None
+    if "train" not in dd:
+        raise UserError(f"data.hf_name = {name}: no 'train' split (splits: {', '.join(dd)})")
+    cols = [*cfg.text_columns, cfg.label_column]
+    _check_columns(f"hub dataset {name}", cols, dd["train"].column_names)
+    feature = dd["train"].features[cfg.label_column]
+    class_names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+
+    def columns(ds: datasets.Dataset, split: str) -> tuple[list[str], list]:
+        _check_columns(f"hub dataset {name} ({split})", cols, ds.column_names)
+        rows = [dict(zip(cols, vals)) for vals in zip(*(list(ds[c]) for c in cols))]
+        return _texts_and_labels(rows, cfg, f"hub dataset {name} ({split})")
+
+    train_texts, train_raw = columns(dd["train"], "train")
+    test_texts, test_raw = columns(dd["test"], "test") if "test" in dd else ([], [])
+    files = {"train": f"hub dataset {name} (train)", "test": f"hub dataset {name} (test)"}
+    n = cfg.num_classes if cfg.num_classes is not None else (len(class_names) if class_names else None)
+    train_ids, test_ids, names = encode_labels(train_raw, test_raw, n, files)
+    if class_names and len(class_names) == len(names):
+        names = class_names
+    if "test" not in dd:
+        tr, te = stratified_holdout(train_ids, cfg.test_fraction)
+        test_texts, test_ids = [train_texts[i] for i in te], train_ids[te]
+        train_texts, train_ids = [train_texts[i] for i in tr], train_ids[tr]
+    return TextData(make_dataset(train_texts, train_ids), make_dataset(test_texts, test_ids), names, len(names),
+                    f"hub dataset {name} (train {len(train_ids)}, test {len(test_ids)})")

@@ -1,0 +1,50 @@
+"""Accuracy of a model view on groups of test examples, and the final summary of a run."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from fedslip.data.batching import Encoded
+from fedslip.evaluation.records import MethodResult
+from fedslip.model.adapted import AdaptedModel, Tensors
+
+
+@torch.inference_mode()
+def group_accuracy(model: AdaptedModel, view: Tensors, mode: str, encoded: Encoded, groups: list[np.ndarray],
+                   batch_size: int) -> list[float]:
+    """Load `view`, predict every example of the union of `groups` once, return each group's accuracy."""
+    model.load(view)
+    everything = np.unique(np.concatenate(groups))
+    correct = np.zeros(len(encoded.labels), dtype=bool)
+    with model.mode(mode):
+        for batch in encoded.eval_batches(everything, batch_size):
+            pred = model.logits(batch.input_ids, batch.attention_mask).argmax(-1)
+            correct[batch.index] = (pred == batch.labels).numpy()
+    return [float(correct[g].mean()) for g in groups]
+
+
+def _means(values: list[float | None], weights: list[int]) -> tuple[float | None, float | None, float | None]:
+    pairs = [(v, w) for v, w in zip(values, weights) if v is not None and not math.isnan(v)]
+    if not pairs:
+        return None, None, None
+    vs = [v for v, _ in pairs]
+    total = sum(w for _, w in pairs)
+    return sum(vs) / len(vs), sum(v * w for v, w in pairs) / total, min(vs)
+
+
+def summarize(result: MethodResult, mib_total: float, up_params: int) -> dict[str, float | None]:
+    """Last-round metrics (never the best round): unweighted mean, test-size-weighted mean, worst client."""
+    last = next(r for r in reversed(result.rounds) if r.evaluated)
+    weights = [c.n_test for c in result.clients]
+    final: dict[str, float | None] = {"global_acc": last.global_acc}
+    for key in ("client_acc", "personal_acc", "kstep_acc"):
+        mean, weighted, worst = _means([getattr(c, key) for c in result.clients], weights)
+        final.update({f"{key}_mean": mean, f"{key}_weighted": weighted, f"{key}_worst": worst})
+    final["train_loss"] = result.rounds[-1].train_loss
+    final["mib_per_round"] = mib_total / len(result.rounds)
+    final["mib_total"] = mib_total
+    final["up_params"] = up_params
+    return final

@@ -1,0 +1,106 @@
+"""Write a run's files: results.json, rounds.csv, clients.csv, ledger.csv, figure.png (+ comparison table).
+
+Everything is written into a hidden staging folder next to the output folder and moved into place only
+once all files exist, so a failure never leaves a half-written output folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+from fedslip.evaluation.figures import plot_results
+from fedslip.evaluation.records import MethodResult
+from fedslip.evaluation.tables import comparison_rows, to_csv, to_markdown
+from fedslip.federation.ledger import Ledger, write_ledger_csv
+from fedslip.prepare import Prepared
+
+
+def environment() -> dict[str, str | int | None]:
+    import datasets
+    import torch
+    import transformers
+
+    from fedslip import __version__
+
+    return {"fedslip": __version__, "python": platform.python_version(), "platform": platform.platform(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "datasets": datasets.__version__,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
+@contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """Yield a staging folder; on success move its files into `out` (created if needed)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield stage
+        out.mkdir(exist_ok=True)
+        for f in stage.iterdir():
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _rounds_rows(results: list[MethodResult]) -> list[dict]:
+    rows = []
+    for res in results:
+        for r in res.rounds:
+            row = {"method": res.method, "round": r.round, "train_loss": r.train_loss, "mib_round": r.mib_round,
+                   "mib_cumulative": r.mib_cumulative, "evaluated": r.evaluated, "global_acc": r.global_acc}
+            for key in ("client_acc", "personal_acc"):
+                values = getattr(r, key)
+                row[f"{key}_mean"] = sum(values) / len(values) if values else None
+                for k in range(len(res.clients)):
+                    row[f"{key}_{k}"] = values[k] if values else None
+            rows.append(row)
+    return rows
+
+
+def _write_dicts(rows: list[dict], path: Path) -> None:
+    fields: list[str] = []
+    for row in rows:
+        fields += [k for k in row if k not in fields]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: "" if v is None else v for k, v in row.items()})
+
+
+def write_outputs(out: Path, prep: Prepared, runs: list[tuple[MethodResult, Ledger]], wall_time_s: float) -> None:
+    results = [r for r, _ in runs]
+    with staged(out) as stage:
+        doc = {
+            "config": prep.cfg.to_dict(),
+            "seed": prep.cfg.train.seed,
+            "environment": environment(),
+            "data": prep.data.description,
+            "backbone": {"name": prep.backbone.name, "source": prep.backbone.source},
+            "clients": prep.clients,
+            "wall_time_s": wall_time_s,
+            "methods": {r.method: {"final": r.final, "wall_time_s": r.wall_time_s,
+                                   "clients": [asdict(c) for c in r.clients]} for r in results},
+        }
+        (stage / "results.json").write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
+        _write_dicts(_rounds_rows(results), stage / "rounds.csv")
+        _write_dicts([{"method": r.method, **asdict(c)} for r in results for c in r.clients], stage / "clients.csv")
+        write_ledger_csv([ledger for _, ledger in runs], stage / "ledger.csv")
+        rows = comparison_rows(results)
+        (stage / "comparison.md").write_text(to_markdown(rows) + "\n", encoding="utf-8")
+        to_csv(rows, stage / "comparison.csv")
+        plot_results(results, stage / "figure.png", title=_title(prep))
+
+
+def _title(prep: Prepared) -> str:
+    p, t = prep.cfg.partition, prep.cfg.train
+    return (f"{prep.data.description} · {p.n_clients} clients ({p.scheme}) · {prep.backbone.name} · "
+            f"{t.rounds} rounds × {t.local_epochs} epochs · seed {t.seed}")

@@ -1,0 +1,41 @@
+"""What a run measures, as plain records shared by the engine, the output writers and the report.
+
+Accuracies are fractions in [0, 1]. A metric a method does not have (e.g. K-step accuracy for fedslip,
+global accuracy for a round that was not evaluated) is `None`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    train_loss: float  # mean training loss over the round's local steps (all participants)
+    mib_round: float  # MiB sent this round: every participant, up + down
+    mib_cumulative: float
+    evaluated: bool = False
+    global_acc: float | None = None  # balanced global test set, global model
+    client_acc: list[float] | None = None  # global model on each client's own test set
+    personal_acc: list[float] | None = None  # each client's own (zero-shot personalized) model
+
+
+@dataclass
+class ClientRecord:
+    client: int
+    n_train: int
+    n_test: int
+    dominant_label: int | None  # the client's most frequent training label
+    client_acc: float | None  # global model on this client's test set (last round)
+    personal_acc: float | None  # this client's own model, no extra fine-tuning (last round)
+    kstep_acc: float | None = None  # fedavg: after K local fine-tuning steps from the final global model
+
+
+@dataclass
+class MethodResult:
+    method: str
+    rounds: list[RoundRecord] = field(default_factory=list)
+    clients: list[ClientRecord] = field(default_factory=list)
+    final: dict[str, float | None] = field(default_factory=dict)  # see evaluation.metrics.summarize
+    wall_time_s: float = 0.0

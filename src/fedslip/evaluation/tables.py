@@ -1,0 +1,134 @@
+"""Summary tables of finished runs: one row per method, as Markdown (for people) or CSV (for tools).
+
+Rows keep raw numbers (fractions, MiB, counts, seconds); formatting happens only when writing Markdown,
+so the CSV round-trips exactly what the run measured.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from fedslip.evaluation.records import MethodResult
+
+MISSING = "—"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _mib(x: float) -> str:
+    return f"{x:.3f}"
+
+
+def _count(x: float) -> str:
+    return f"{x:,.0f}" if math.isfinite(x) else str(x)
+
+
+def _seconds(x: float) -> str:
+    return f"{x:.1f}"
+
+
+def _plain(x: float) -> str:
+    return f"{x:.4g}"
+
+
+# (row key, Markdown header, formatter) in display order. The row key is also the CSV column name.
+COLUMNS: list[tuple[str, str, Callable[[float], str]]] = [
+    ("global_acc", "Global acc (%)", _pct),
+    ("client_acc_mean", "Client acc, global model (%)", _pct),
+    ("personal_acc_mean", "Personal acc mean (%)", _pct),
+    ("personal_acc_weighted", "Personal acc weighted (%)", _pct),
+    ("personal_acc_worst", "Personal acc worst (%)", _pct),
+    ("kstep_acc_mean", "K-step acc mean (%)", _pct),
+    ("mib_per_round", "MiB/round", _mib),
+    ("mib_total", "MiB total", _mib),
+    ("up_params", "Up params/client-round", _count),
+    ("wall_time_s", "Wall time (s)", _seconds),
+]
+
+# Every metric `MethodResult.final` may hold, in the order the single-method table lists them.
+FINAL_METRICS: list[tuple[str, str, Callable[[float], str]]] = [
+    ("global_acc", "Global accuracy (%)", _pct),
+    ("client_acc_mean", "Client accuracy, global model, mean (%)", _pct),
+    ("client_acc_weighted", "Client accuracy, global model, weighted (%)", _pct),
+    ("client_acc_worst", "Client accuracy, global model, worst (%)", _pct),
+    ("personal_acc_mean", "Personalized accuracy, mean (%)", _pct),
+    ("personal_acc_weighted", "Personalized accuracy, weighted (%)", _pct),
+    ("personal_acc_worst", "Personalized accuracy, worst (%)", _pct),
+    ("kstep_acc_mean", "K-step accuracy, mean (%)", _pct),
+    ("kstep_acc_weighted", "K-step accuracy, weighted (%)", _pct),
+    ("kstep_acc_worst", "K-step accuracy, worst (%)", _pct),
+    ("train_loss", "Training loss (last round)", _plain),
+    ("mib_per_round", "MiB per round (up + down)", _mib),
+    ("mib_total", "MiB total", _mib),
+    ("up_params", "Uploaded parameters per client-round", _count),
+]
+
+
+def comparison_rows(results: Sequence[MethodResult]) -> list[dict]:
+    """One row per method: `method` plus every key of `COLUMNS`, raw values, None where not measured."""
+    rows = []
+    for result in results:
+        row: dict = {"method": result.method}
+        for key, _, _ in COLUMNS:
+            row[key] = result.wall_time_s if key == "wall_time_s" else result.final.get(key)
+        rows.append(row)
+    return rows
+
+
+def _cell(value, fmt: Callable[[float], str]) -> str:
+    return MISSING if value is None else fmt(float(value))
+
+
+def _md_text(text: str) -> str:
+    """Keep a free-text cell from breaking the table (pipes split cells, newlines end rows)."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(header: list[str], body: list[list[str]], align: list[str]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines) + "\n"
+
+
+def to_markdown(rows: Sequence[dict]) -> str:
+    """GitHub table of `comparison_rows`: accuracies as % with one decimal, MiB with three, — for None."""
+    header = ["Method"] + [title for _, title, _ in COLUMNS]
+    body = [[_md_text(row["method"])] + [_cell(row.get(key), fmt) for key, _, fmt in COLUMNS] for row in rows]
+    return _md_table(header, body, [":---"] + ["---:"] * len(COLUMNS))
+
+
+def final_table_markdown(result: MethodResult) -> str:
+    """Two-column table (metric, value) of one method's final metrics, for printing after a single run."""
+    known = {key for key, _, _ in FINAL_METRICS}
+    entries = [(title, _cell(result.final.get(key), fmt)) for key, title, fmt in FINAL_METRICS]
+    entries += [(_md_text(k), _cell(v, _plain)) for k, v in result.final.items() if k not in known]
+    entries.append(("Rounds", str(len(result.rounds))))
+    entries.append(("Wall time (s)", _seconds(result.wall_time_s)))
+    return _md_table([f"Metric ({_md_text(result.method)})", "Value"], [list(e) for e in entries], [":---", "---:"])
+
+
+def to_csv(rows: Sequence[dict], path: Path | str) -> None:
+    """Write rows with raw numbers (None → empty cell). Written to a temp file then renamed, so a reader
+    never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = ["method"] + [key for key, _, _ in COLUMNS]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in fields})
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,1 @@
+"""Runtimes that drive methods: the in-process simulation engine (and later Flower)."""

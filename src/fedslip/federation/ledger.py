@@ -1,0 +1,61 @@
+"""The byte ledger: every serialized payload, per round, client and direction."""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from fedslip.federation.payload import Payload
+
+MIB = 1024 * 1024
+
+
+@dataclass
+class Entry:
+    method: str
+    round: int
+    client: int
+    direction: str  # "down" (server -> client) or "up" (client -> server)
+    bytes: int  # length of the serialized payload
+    n_params: int
+    n_tensors: int
+    dtypes: str
+
+
+class Ledger:
+    def __init__(self, method: str):
+        self.method = method
+        self.entries: list[Entry] = []
+
+    def record(self, rnd: int, client: int, direction: str, payload: Payload, n_bytes: int) -> None:
+        dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in payload.values()})
+        self.entries.append(Entry(self.method, rnd, client, direction, n_bytes,
+                                  sum(t.numel() for t in payload.values()), len(payload), "+".join(dtypes)))
+
+    def bytes_by_round(self) -> dict[int, int]:
+        out: dict[int, int] = defaultdict(int)
+        for e in self.entries:
+            out[e.round] += e.bytes
+        return dict(out)
+
+    def mib_round(self, rnd: int) -> float:
+        return sum(e.bytes for e in self.entries if e.round == rnd) / MIB
+
+    def total_mib(self) -> float:
+        return sum(e.bytes for e in self.entries) / MIB
+
+    def up_params(self) -> int:
+        """Parameters one client uploads in one round (the largest upload seen)."""
+        return max((e.n_params for e in self.entries if e.direction == "up"), default=0)
+
+
+def write_ledger_csv(ledgers: list[Ledger], path: Path) -> None:
+    fields = list(Entry.__dataclass_fields__)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for ledger in ledgers:
+            for e in ledger.entries:
+                w.writerow(asdict(e))

@@ -1,0 +1,191 @@
+"""The Method seam: what differs between federated methods, over one shared engine.
+
+A method owns nothing but policy. The engine owns the model, the data and the loop; it calls:
+
+    init_global(model, gen)                     -> glob        server state (tensors by name)
+    init_client(model, cid, gen)                -> ClientState never serialized, never sent
+    down_payload(glob, cid)                     -> Payload     what the server sends to client cid
+    local_update(model, down, client, data, r)  -> (Payload, ClientState, metrics)
+    aggregate(ups, glob, r)                     -> glob
+    global_view / personal_view                 -> what to evaluate
+
+A `Payload` (flat name -> tensor dict) is the only thing that crosses the client/server boundary; the
+engine serializes every payload and the ledger counts those bytes.
+
+Default behaviour here is FedAvg over the shared tensors with LoRA on the global track; subclasses
+override only what they change. The head policy says what happens to the classification head:
+"shared" (trained and averaged), "local" (trained, stays on the client) or "frozen" (the seeded random
+init, identical on every client, never trained, never sent).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fedslip.config import Config
+from fedslip.data.batching import Batch
+from fedslip.model.adapted import AdaptedModel, Tensors
+from fedslip.model.backbone import Backbone
+
+Payload = dict[str, torch.Tensor]
+
+
+@dataclass
+class ClientState:
+    tensors: Tensors = field(default_factory=dict)  # private adapters, masks, local head
+    optim: dict[str, Any] = field(default_factory=dict)  # optimizer states that persist across rounds
+
+
+class ClientData:
+    """One client's training examples; `epoch()` gives freshly shuffled, length-bucketed batches."""
+
+    def __init__(self, cid: int, encoded, idx, batch_size: int, rng):
+        self.cid, self.encoded, self.idx, self.batch_size, self.rng = cid, encoded, idx, batch_size, rng
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def epoch(self) -> list[Batch]:
+        return self.encoded.train_batches(self.idx, self.batch_size, self.rng)
+
+
+class Method:
+    name = "base"
+    default_head = "shared"
+    uses_private = False  # builds the private track (r_p > 0)
+    personalizes = False  # personal_view differs from global_view
+    communicates = True
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.m = cfg.method
+        self.t = cfg.train
+        self.head = cfg.method.head or self.default_head
+
+    # --- model --------------------------------------------------------------------------------------
+    def build(self, backbone: Backbone) -> AdaptedModel:
+        m = self.m
+        r_p = m.r_p if self.uses_private else 0
+        return AdaptedModel(backbone, self.cfg.model.target_modules, m.r_g, m.alpha_g, r_p, m.alpha_p, m.dropout)
+
+    def rounds(self) -> int:
+        return self.t.rounds
+
+    def local_epochs(self) -> int:
+        return self.t.local_epochs
+
+    def shared_names(self, model: AdaptedModel) -> list[str]:
+        """Tensors the server and clients exchange."""
+        return model.global_names + (model.head_names if self.head == "shared" else [])
+
+    def global_train_names(self, model: AdaptedModel) -> list[str]:
+        """Tensors the global (shared) step trains: the global track and a non-frozen head."""
+        return model.global_names + (model.head_names if self.head != "frozen" else [])
+
+    # --- state --------------------------------------------------------------------------------------
+    def init_global(self, model: AdaptedModel, gen: torch.Generator) -> Tensors:
+        glob = model.init_track("g", gen)
+        if self.head == "shared":
+            glob.update(model.head_init)
+        return glob
+
+    def init_client(self, model: AdaptedModel, cid: int, gen: torch.Generator) -> ClientState:
+        state = ClientState()
+        if self.head == "local":
+            state.tensors.update(model.head_init)
+        return state
+
+    def down_payload(self, glob: Tensors, cid: int) -> Payload:
+        return dict(glob)
+
+    def client_view(self, model: AdaptedModel, down: Payload, client: ClientState) -> Tensors:
+        """Every varying tensor a client's model holds: seeded head init, then what it received, then its own."""
+        return {**model.head_init, **down, **client.tensors}
+
+    # --- training -----------------------------------------------------------------------------------
+    def local_update(self, model: AdaptedModel, down: Payload, client: ClientState, data: ClientData,
+                     rnd: int) -> tuple[Payload, ClientState, dict[str, float]]:
+        model.load(self.client_view(model, down, client))
+        names = self.global_train_names(model)
+        opt = adamw(model.params(names), self.t.lr, self.t.weight_decay)
+        anchor = model.read(model.global_names) if self.prox_mu() > 0 else None
+        losses = []
+        with model.mode("global"), training(model):
+            for _ in range(self.local_epochs()):
+                for batch in data.epoch():
+                    losses.append(sgd_step(model, batch, names, opt, self.t.clip,
+                                           prox=(self.prox_mu(), anchor)))
+        up = model.read(self.shared_names(model))
+        if self.head == "local":
+            client.tensors.update(model.read(model.head_names))
+        return up, client, {"loss": mean(losses)}
+
+    def prox_mu(self) -> float:
+        return 0.0
+
+    def aggregate(self, ups: list[tuple[Payload, int]], glob: Tensors, rnd: int) -> Tensors:
+        return {**glob, **weighted_mean(ups)}
+
+    # --- evaluation ---------------------------------------------------------------------------------
+    def global_view(self, model: AdaptedModel, glob: Tensors, client: ClientState) -> Tensors | None:
+        """The global model (global track, shared or frozen head; a local head comes from the client)."""
+        head = {n: client.tensors[n] for n in model.head_names} if self.head == "local" else {}
+        return {**model.head_init, **glob, **head}
+
+    def personal_view(self, model: AdaptedModel, glob: Tensors, client: ClientState) -> Tensors:
+        return self.client_view(model, glob, client)
+
+
+# --- shared helpers ------------------------------------------------------------------------------------
+def adamw(params, lr: float, weight_decay: float, state: dict | None = None) -> torch.optim.AdamW:
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if state:
+        opt.load_state_dict(state)
+    return opt
+
+
+class training:
+    """Context: the network in train mode (dropout on), back to eval mode after."""
+
+    def __init__(self, model: AdaptedModel):
+        self.model = model
+
+    def __enter__(self):
+        self.model.net.train()
+
+    def __exit__(self, *exc):
+        self.model.net.eval()
+        self.model.set_trainable([])
+
+
+def sgd_step(model: AdaptedModel, batch: Batch, names: list[str], opt: torch.optim.Optimizer, clip: float,
+             scale: float = 1.0, prox: tuple[float, Tensors | None] = (0.0, None)) -> float:
+    """One optimizer step on `names`: loss·scale (+ μ/2·Σ‖w − w_anchor‖² over the anchor's tensors)."""
+    model.set_trainable(names)
+    logits = model.logits(batch.input_ids, batch.attention_mask)
+    loss = F.cross_entropy(logits, batch.labels)
+    total = loss * scale
+    mu, anchor = prox
+    if mu > 0 and anchor:
+        params = dict(zip(anchor, model.params(list(anchor))))
+        total = total + 0.5 * mu * sum(((params[n] - a) ** 2).sum() for n, a in anchor.items())
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    torch.nn.utils.clip_grad_norm_(model.params(names), clip)
+    opt.step()
+    return float(loss.detach())
+
+
+def weighted_mean(ups: list[tuple[Payload, int]]) -> Tensors:
+    """Per-tensor average of client payloads weighted by their example counts (FedAvg)."""
+    total = sum(n for _, n in ups)
+    names = ups[0][0].keys()
+    return {k: sum(p[k].double() * (n / total) for p, n in ups).to(ups[0][0][k].dtype) for k in names}
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")

