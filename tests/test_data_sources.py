@@ -227,3 +227,38 @@ def test_synthetic_learnable_but_not_trivial():
 
     acc = np.mean([predict(t) == y for t, y in zip(data.test["text"][:], data.test["label"][:])])
     assert 0.6 < acc < 0.99
+
+
+def fake_hub(monkeypatch, dd) -> None:
+    monkeypatch.delenv("FEDSLIP_DATA_DIR", raising=False)
+    monkeypatch.setattr(sources, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(sources.datasets, "load_dataset", lambda name, *a, **k: dd)
+
+
+def test_hf_source_class_label_names_and_holdout(monkeypatch):
+    import datasets
+
+    features = datasets.Features({"sentence": datasets.Value("string"), "idx": datasets.Value("int32"),
+                                  "y": datasets.ClassLabel(names=["neg", "pos"])})
+    train = datasets.Dataset.from_dict({"sentence": [f"s{i}" for i in range(10)], "idx": list(range(10)),
+                                        "y": [i % 2 for i in range(10)]}, features=features)
+    fake_hub(monkeypatch, datasets.DatasetDict({"train": train}))
+    data = load_data(DataConfig(source="hf", hf_name="x/y", text_columns=["sentence"], label_column="y",
+                                test_fraction=0.2))
+    assert data.label_names == ["neg", "pos"]
+    columns_ok(data.train)
+    assert collections.Counter(data.test["label"][:]) == {0: 1, 1: 1}  # round(0.2 * 5) per class
+    assert len(data.train) == 8
+
+
+def test_ag_news_from_fake_hub(monkeypatch):
+    import datasets
+
+    split = datasets.Dataset.from_dict({"text": ["a b", "c d"], "label": [0, 3]})
+    fake_hub(monkeypatch, datasets.DatasetDict({"train": split, "test": split}))
+    data = load_data(DataConfig(source="ag_news"))
+    assert data.train["text"][:] == ["a b", "c d"] and data.test["label"][:] == [0, 3]
+    bad = datasets.Dataset.from_dict({"text": ["a"], "label": [7]})
+    fake_hub(monkeypatch, datasets.DatasetDict({"train": bad, "test": bad}))
+    with pytest.raises(UserError, match="label 7 outside 0..3"):
+        load_data(DataConfig(source="ag_news"))

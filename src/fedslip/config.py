@@ -48,6 +48,7 @@ class PartitionConfig:
 class ModelConfig:
     backbone: str = DEFAULT_BACKBONE
     max_length: int = 128
+    backbone_dropout: float | None = None  # None: the backbone's own dropout; 0.0 is ~25 % faster on CPU
     target_modules: list[str] | None = None  # None: PEFT's mapping for the architecture
 
 
@@ -105,7 +106,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # 2 CPU cores in a few minutes. Fewer examples and rounds, so a larger learning rate.
     "quick": {
         "partition": {"n_train": 192, "n_test": 100, "n_global_test": 50},
-        "model": {"max_length": 64},
+        "model": {"max_length": 64, "backbone_dropout": 0.0},
         "train": {"rounds": 4, "local_epochs": 1, "local_only_epochs": 3, "lr": 5e-4},
         "method": {"warmup_rounds": 1},
     },
@@ -176,28 +177,25 @@ def load_config(path: str | None = None, preset: str | None = None, method: str 
 
 
 def _check_types(cfg: Config) -> None:
+    """Each value must match its field's annotation (ints are accepted where floats are expected)."""
     for section, cls in _section_classes().items():
         obj = getattr(cfg, section)
         for f in dataclasses.fields(cls):
             value = getattr(obj, f.name)
-            default = getattr(cls(), f.name)
-            name = f"{section}.{f.name}"
-            if value is None or default is None:
+            annotation = str(f.type)
+            if value is None and annotation.endswith("| None"):
                 continue
-            if isinstance(default, bool):
-                ok = isinstance(value, bool)
-            elif isinstance(default, int):
-                ok = isinstance(value, int) and not isinstance(value, bool)
-            elif isinstance(default, float):
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-                if ok:
-                    setattr(obj, f.name, float(value))
-            elif isinstance(default, list):
-                ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
-            else:
-                ok = isinstance(value, type(default))
+            kind = annotation.removesuffix(" | None")
+            if kind == "float" and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                setattr(obj, f.name, value)
+            ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+                  "float": isinstance(value, float),
+                  "bool": isinstance(value, bool),
+                  "str": isinstance(value, str),
+                  "list[str]": isinstance(value, list) and all(isinstance(v, str) for v in value)}[kind]
             if not ok:
-                raise UserError(f"{name} = {value!r}: expected {type(default).__name__}")
+                raise UserError(f"{section}.{f.name} = {value!r}: expected {kind}")
 
 
 def validate(cfg: Config) -> None:
@@ -225,6 +223,8 @@ def validate(cfg: Config) -> None:
     need(p.n_global_test >= 1, f"partition.n_global_test = {p.n_global_test}: must be >= 1")
     need(p.alpha > 0, f"partition.alpha = {p.alpha}: must be > 0")
     need(p.classes_per_client >= 1, f"partition.classes_per_client = {p.classes_per_client}: must be >= 1")
+    need(cfg.model.backbone_dropout is None or 0 <= cfg.model.backbone_dropout < 1,
+         f"model.backbone_dropout = {cfg.model.backbone_dropout}: must be in [0, 1)")
     need(cfg.model.max_length >= 8, f"model.max_length = {cfg.model.max_length}: must be >= 8")
     need(t.rounds >= 1, f"train.rounds = {t.rounds}: must be >= 1")
     need(t.local_epochs >= 1, f"train.local_epochs = {t.local_epochs}: must be >= 1")

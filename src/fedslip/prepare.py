@@ -39,7 +39,7 @@ def prepare(cfg: Config) -> Prepared:
     data = load_data(cfg.data)
     split = make_split(data, cfg.partition, cfg.train.seed)
     clients = describe_split(data, split)
-    backbone = load_backbone(cfg.model.backbone, data.num_classes, cfg.train.seed)
+    backbone = load_backbone(cfg.model.backbone, data.num_classes, cfg.train.seed, cfg.model.backbone_dropout)
     n = len(split.train)
     train, train_groups = _encode_used(data.train, split.train, backbone, cfg.model.max_length)
     test, test_groups = _encode_used(data.test, [split.global_test, *split.test], backbone, cfg.model.max_length)

@@ -13,16 +13,15 @@ import json
 import math
 import os
 import re
-import socket
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import datasets
 import numpy as np
 
 from fedslip.config import DataConfig
 from fedslip.errors import UserError
+from fedslip.hub import hub_reachable
 
 AG_NEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 DATA_DIR_ENV = "FEDSLIP_DATA_DIR"
@@ -139,25 +138,6 @@ def _ag_news_from_hub(name: str) -> TextData:
     return TextData(make_dataset(texts["train"], labels["train"]), make_dataset(texts["test"], labels["test"]),
                     list(AG_NEWS_LABELS), len(AG_NEWS_LABELS),
                     f"AG News from the hub ({name}; train {len(labels['train'])}, test {len(labels['test'])})")
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Cheap check before `load_dataset`, which retries for ~25 s when there is no network.
-
-    In offline mode (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) or behind a proxy we cannot tell cheaply, so we
-    say yes and let `load_dataset` answer (from its cache, quickly, in offline mode)."""
-    env = {k: os.environ.get(k, "").lower() for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
-    if any(v in ("1", "true", "yes", "on") for v in env.values()):
-        return True
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def _first_line(e: BaseException) -> str:

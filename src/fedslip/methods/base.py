@@ -112,7 +112,7 @@ class Method:
         model.load(self.client_view(model, down, client))
         names = self.global_train_names(model)
         opt = adamw(model.params(names), self.t.lr, self.t.weight_decay)
-        anchor = model.read(model.global_names) if self.prox_mu() > 0 else None
+        anchor = model.read(self.shared_names(model)) if self.prox_mu() > 0 else None
         losses = []
         with model.mode("global"), training(model):
             for _ in range(self.local_epochs()):

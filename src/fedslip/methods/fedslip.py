@@ -11,8 +11,9 @@ its weights by magnitude. Each batch:
 Masks are re-chosen from the private weights' magnitudes after each warmup round and frozen after. Since
 the private track takes no steps during warmup, those re-chosen masks equal the initial ones; the mask of
 the zero-initialised B is then a seeded random 25 % (ties broken at random). Inference adds both tracks
-("zero-shot personalization"). The head is frozen by default (identical seeded init everywhere), so the
-global model is fully defined by the global track.
+("zero-shot personalization"). The classification head belongs to the global track (trained in the global
+step, averaged and sent with it), as in the reference, whose "4.5 MB per round" is exactly LoRA q/v plus
+the classifier for 4 clients up and down; `method.head = "frozen"` sends the LoRA tensors alone.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class DualTrack(Method):
 
 class FedSLIP(DualTrack):
     name = "fedslip"
-    default_head = "frozen"
+    default_head = "shared"
 
     def local_update(self, model: AdaptedModel, down, client: ClientState, data: ClientData, rnd: int):
         model.load(self.client_view(model, down, client))
@@ -63,7 +64,7 @@ class FedSLIP(DualTrack):
         opt_g = adamw(model.params(g_names), self.t.lr, self.t.weight_decay)
         opt_p = adamw(model.params(p_names), self.t.lr * self.m.private_lr_scale, self.t.weight_decay,
                       client.optim.get("private"))
-        anchor = model.read(model.global_names)
+        anchor = model.read(self.shared_names(model))
         private_on = rnd > self.m.warmup_rounds
         g_losses, p_losses = [], []
         with training(model):

