@@ -1,0 +1,5 @@
+import sys
+
+from fedslip.cli import main
+
+sys.exit(main())

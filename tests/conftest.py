@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny random backbones on synthetic text, so engine tests run in seconds."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from fedslip.config import apply_overrides, Config, validate
+
+AG_NEWS_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "ag_news"
+
+TINY = {
+    "data": {"source": "synthetic", "synthetic_per_class": 60},
+    "partition": {"n_clients": 4, "n_train": 40, "n_test": 20, "n_global_test": 10},
+    "model": {"backbone": "tiny-random:bert", "max_length": 32},
+    "train": {"rounds": 2, "local_epochs": 1, "local_only_epochs": 1, "batch_size": 8, "lr": 1e-3},
+    "method": {"warmup_rounds": 1, "r_p": 4, "alpha_p": 8.0, "r_g": 2, "alpha_g": 4.0},
+}
+
+
+def tiny_config(name: str = "fedslip", /, **sections) -> Config:
+    """The tiny config with `section={key: value}` overrides applied."""
+    overrides = copy.deepcopy(TINY)
+    for section, values in sections.items():
+        overrides.setdefault(section, {}).update(values)
+    cfg = apply_overrides(Config(), overrides, "test")
+    cfg.method.name = name
+    validate(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_prep():
+    from fedslip.prepare import prepare
+
+    return prepare(tiny_config())
+
+
+def ag_news_dir() -> Path:
+    if not (AG_NEWS_DIR / "train.csv").is_file():
+        pytest.skip(f"AG News not found at {AG_NEWS_DIR} (see README: Data)")
+    return AG_NEWS_DIR

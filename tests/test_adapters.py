@@ -1,0 +1,89 @@
+"""The dual-track layer computes what its formula says; masks keep exactly the largest weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fedslip.model.adapters import DualLoRALinear, magnitude_mask
+
+
+def make_layer(seed=0, r_g=2, r_p=4):
+    torch.manual_seed(seed)
+    layer = DualLoRALinear(nn.Linear(6, 5), r_g=r_g, alpha_g=4.0, r_p=r_p, alpha_p=12.0, dropout=0.0)
+    with torch.no_grad():
+        for p in (layer.g_A, layer.g_B, layer.p_A, layer.p_B):
+            p.normal_()
+        layer.p_A_mask.copy_((torch.rand_like(layer.p_A_mask) > 0.5).float())
+        layer.p_B_mask.copy_((torch.rand_like(layer.p_B_mask) > 0.5).float())
+    return layer
+
+
+def reference_output(layer, x, private=True):
+    w, b = layer.base.weight.detach().numpy(), layer.base.bias.detach().numpy()
+    xa = x.numpy()
+    y = xa @ w.T + b
+    y = y + (4.0 / 2) * xa @ layer.g_A.detach().numpy().T @ layer.g_B.detach().numpy().T
+    if private:
+        pa = (layer.p_A * layer.p_A_mask).detach().numpy()
+        pb = (layer.p_B * layer.p_B_mask).detach().numpy()
+        y = y + (12.0 / 4) * xa @ pa.T @ pb.T
+    return y
+
+
+def test_forward_matches_formula_in_each_mode():
+    layer = make_layer()
+    x = torch.randn(3, 6)
+    for mode, private in (("both", True), ("private", True), ("global", False)):
+        layer.mode = mode
+        np.testing.assert_allclose(layer(x).detach().numpy(), reference_output(layer, x, private), rtol=1e-5, atol=1e-5)
+
+
+def test_private_mode_sends_gradients_only_to_private_track():
+    layer = make_layer()
+    layer.mode = "private"
+    layer(torch.randn(3, 6)).sum().backward()
+    assert layer.g_A.grad is None and layer.g_B.grad is None
+    assert layer.p_A.grad is not None and layer.p_A.grad.abs().sum() > 0
+
+
+def test_global_mode_ignores_private_track():
+    layer = make_layer()
+    layer.mode = "global"
+    layer(torch.randn(3, 6)).sum().backward()
+    assert layer.p_A.grad is None and layer.p_B.grad is None
+    assert layer.g_B.grad.abs().sum() > 0
+
+
+def test_masked_out_private_weights_have_no_effect_and_no_gradient():
+    layer = make_layer()
+    x = torch.randn(3, 6)
+    before = layer(x).detach()
+    with torch.no_grad():
+        layer.p_A.add_(100.0 * (1 - layer.p_A_mask))  # change only masked-out entries
+    torch.testing.assert_close(layer(x).detach(), before)
+    layer(x).sum().backward()
+    assert torch.all(layer.p_A.grad[layer.p_A_mask == 0] == 0)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.75, 0.9])
+def test_magnitude_mask_keeps_the_largest_weights(sparsity):
+    w = torch.randn(16, 24)
+    mask = magnitude_mask(w, sparsity, torch.Generator().manual_seed(0))
+    keep = round((1 - sparsity) * w.numel())
+    assert int(mask.sum()) == keep
+    threshold = np.sort(np.abs(w.numpy()).ravel())[::-1][keep - 1]  # keep-th largest magnitude
+    assert np.all(np.abs(w.numpy())[mask.numpy() == 1] >= threshold)
+    assert np.all(np.abs(w.numpy())[mask.numpy() == 0] <= threshold)
+
+
+def test_mask_of_constant_tensor_is_a_seeded_random_subset():
+    w = torch.zeros(40, 8)
+    a = magnitude_mask(w, 0.75, torch.Generator().manual_seed(1))
+    b = magnitude_mask(w, 0.75, torch.Generator().manual_seed(1))
+    c = magnitude_mask(w, 0.75, torch.Generator().manual_seed(2))
+    assert int(a.sum()) == 80
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a[:10].sum() < 80  # not simply the first rows

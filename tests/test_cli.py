@@ -1,0 +1,118 @@
+"""The command line: a tiny run writes every output; bad input is one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fedslip.cli import main
+
+from conftest import ag_news_dir
+
+TINY_SETS = ["data.source=\"synthetic\"", "data.synthetic_per_class=40", "partition.n_train=24",
+             "partition.n_test=12", "partition.n_global_test=6", "model.backbone=\"tiny-random:bert\"",
+             "model.max_length=24", "train.rounds=2", "train.batch_size=8", "train.local_only_epochs=1",
+             "method.warmup_rounds=1", "method.r_p=4", "method.r_g=2"]
+
+
+def sets(extra=()):
+    out = []
+    for s in [*TINY_SETS, *extra]:
+        out += ["--set", s]
+    return out
+
+
+def test_compare_writes_all_outputs(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--methods", "local,fedavg,dualtrack-naive,fedslip", "--quiet", "--out", str(out), *sets()])
+    assert rc == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"results.json", "rounds.csv", "clients.csv", "ledger.csv", "comparison.md", "comparison.csv",
+            "figure.png"} <= names
+    assert (out / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    doc = json.loads((out / "results.json").read_text())
+    assert set(doc["methods"]) == {"local", "fedavg", "dualtrack-naive", "fedslip"}
+    assert doc["seed"] == 0 and doc["config"]["train"]["rounds"] == 2
+    with open(out / "rounds.csv") as f:
+        rounds = list(csv.DictReader(f))
+    assert sum(r["method"] == "fedslip" for r in rounds) == 2 and sum(r["method"] == "local" for r in rounds) == 1
+    with open(out / "clients.csv") as f:
+        clients = list(csv.DictReader(f))
+    assert len(clients) == 4 * 4
+    assert all(c["kstep_acc"] != "" for c in clients if c["method"] == "fedavg")
+    assert all(c["kstep_acc"] == "" for c in clients if c["method"] == "fedslip")
+    table = capsys.readouterr().out
+    for m in ("local", "fedavg", "dualtrack-naive", "fedslip"):
+        assert f"| {m} |" in table
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "staging folder left behind"
+
+
+def bad(tmp_path, capsys, argv):
+    out = tmp_path / "out"
+    rc = main([*argv, "--quiet", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and err.startswith("fedslip: error: "), err
+    assert "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.iterdir()), "something was written"
+    return err
+
+
+def test_missing_data_dir(tmp_path, capsys):
+    err = bad(tmp_path, capsys, ["run", "--data-dir", str(tmp_path / "nope")])
+    assert "nope" in err
+
+
+def test_csv_without_label_column(tmp_path, capsys):
+    f = tmp_path.parent / f"{tmp_path.name}-data.csv"
+    f.write_text("text,category\nhello,0\nworld,1\n")
+    err = bad(tmp_path, capsys, ["run", *sets([f"data.source=\"csv\"", f"data.train_file=\"{f}\""])])
+    assert "label" in err
+
+
+def test_label_outside_class_range(tmp_path, capsys):
+    d = tmp_path.parent / f"{tmp_path.name}-ag"
+    d.mkdir()
+    for split in ("train", "test"):
+        (d / f"{split}.csv").write_text("label,title,description\n0,a,b\n7,c,d\n")
+    err = bad(tmp_path, capsys, ["run", "--data-dir", str(d)])
+    assert "7" in err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["run", "--method", "nope"], "unknown method"),
+    (["compare", "--methods", "fedavg,nope"], "unknown method"),
+    (["run", "--set", "train.rounds=0"], "train.rounds"),
+    (["run", "--set", "train.rounds=-3"], "train.rounds"),
+    (["run", "--set", "method.sparsity=1.0"], "method.sparsity"),
+    (["run", "--set", "method.sparsity=-0.1"], "method.sparsity"),
+    (["run", "--set", "train.rounds=abc"], "train.rounds"),
+    (["run", "--set", "nosection"], "--set"),
+    (["run", "--set", "train.nokey=1"], "train.nokey"),
+    (["run", "--preset", "huge"], "preset"),
+    (["run", "--config", "missing.toml"], "missing.toml"),
+    (["run", "--bogus-flag"], "bogus"),
+])
+def test_bad_arguments(tmp_path, capsys, argv, needle):
+    assert needle in bad(tmp_path, capsys, argv)
+
+
+def test_n_train_larger_than_pool(tmp_path, capsys):
+    err = bad(tmp_path, capsys, ["run", *sets(["partition.n_train=500"])])
+    assert "partition" in err
+
+
+def test_n_train_larger_than_ag_news_pool(tmp_path, capsys):
+    err = bad(tmp_path, capsys, ["run", "--data-dir", str(ag_news_dir()), "--set", "partition.n_train=3000"])
+    assert "pool" in err
+
+
+def test_console_script_exit_code(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fedslip.cli", "run", "--set", "train.rounds=0"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip() == "fedslip: error: train.rounds = 0: must be >= 1"
+    assert not list(tmp_path.iterdir())

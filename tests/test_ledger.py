@@ -1,0 +1,72 @@
+"""Ledger bytes equal an independent prediction from tensor names and shapes (safetensors layout)."""
+
+from __future__ import annotations
+
+import json
+
+from fedslip.federation.simulation import Simulation
+from fedslip.methods import METHODS
+
+from conftest import tiny_config
+
+
+def predicted_safetensors_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
+    """8-byte length + compact JSON header (names sorted, float32 offsets) padded to 8 + raw data."""
+    header, offset = {}, 0
+    for name in sorted(shapes):
+        n = 4
+        for d in shapes[name]:
+            n *= d
+        header[name] = {"dtype": "F32", "shape": list(shapes[name]), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header, separators=(",", ":"))
+    text += " " * (-len(text) % 8)
+    return 8 + len(text) + offset
+
+
+def expected_shapes(cfg, hidden: int, layers: int, n_classes: int) -> dict[str, tuple[int, ...]]:
+    """The shared track of a BERT model: LoRA on query and value of every layer, plus the classifier."""
+    r = cfg.method.r_g
+    shapes = {}
+    for i in range(layers):
+        for proj in ("query", "value"):
+            base = f"bert.encoder.layer.{i}.attention.self.{proj}"
+            shapes[f"{base}.g_A"] = (r, hidden)
+            shapes[f"{base}.g_B"] = (hidden, r)
+    shapes["classifier.weight"] = (n_classes, hidden)
+    shapes["classifier.bias"] = (n_classes,)
+    return shapes
+
+
+def test_ledger_bytes_and_params_match_independent_prediction(tiny_prep):
+    cfg = tiny_config("fedslip")
+    sim = Simulation(tiny_prep, METHODS["fedslip"](cfg))
+    result, ledger = sim.run()
+    net_cfg = tiny_prep.backbone.model.config
+    shapes = expected_shapes(cfg, net_cfg.hidden_size, net_cfg.num_hidden_layers, tiny_prep.data.num_classes)
+    per_payload = predicted_safetensors_bytes(shapes)
+    n_params = sum(a * b if len(s) == 2 else a for s in shapes.values() for a, *rest in [s] for b in (rest or [1]))
+    n_clients = len(tiny_prep.split.train)
+    assert len(ledger.entries) == 2 * n_clients * cfg.train.rounds
+    for e in ledger.entries:
+        assert e.bytes == per_payload
+        assert e.n_params == n_params
+        assert e.dtypes == "float32"
+    mib = 2 * n_clients * per_payload / 2**20
+    for r in result.rounds:
+        assert abs(r.mib_round - mib) < 1e-12
+    assert abs(result.rounds[-1].mib_cumulative - cfg.train.rounds * mib) < 1e-9
+    assert abs(result.final["mib_per_round"] - mib) < 1e-12
+
+
+def test_frozen_head_sends_lora_only_and_local_sends_nothing(tiny_prep):
+    cfg = tiny_config("fedslip", method={"head": "frozen"})
+    _, ledger = Simulation(tiny_prep, METHODS["fedslip"](cfg)).run()
+    net_cfg = tiny_prep.backbone.model.config
+    shapes = expected_shapes(cfg, net_cfg.hidden_size, net_cfg.num_hidden_layers, tiny_prep.data.num_classes)
+    lora_only = {k: v for k, v in shapes.items() if not k.startswith("classifier")}
+    assert {e.bytes for e in ledger.entries} == {predicted_safetensors_bytes(lora_only)}
+
+    cfg = tiny_config("local")
+    result, ledger = Simulation(tiny_prep, METHODS["local"](cfg)).run()
+    assert all(e.bytes == 0 for e in ledger.entries) and result.final["mib_total"] == 0
