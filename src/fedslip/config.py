@@ -85,6 +85,11 @@ class MethodConfig:
     fedavg_mu: float = 0.0  # FedProx for fedavg (0 = plain FedAvg)
     kstep: bool = True  # fedavg: K-step personalization after the last round
     head: str | None = None  # shared | local | frozen; None: the method's own default
+    # related methods (see README's method table)
+    client_ranks: list[int] | None = None  # flora: LoRA rank per client (cycled); None: [16, 8, 8, 4]
+    client_layers: list[int] | None = None  # pfedlora: backbone depth per client (cycled); None: [3, 4, 6, 6]
+    n_adaptors: int = 4  # floral: federated LoRA adaptors per layer mixed by private weights
+    vera_rank: int = 256  # fedsa-vera: rank of VeRA's frozen shared random matrices
 
 
 @dataclass
@@ -193,7 +198,9 @@ def _check_types(cfg: Config) -> None:
                   "float": isinstance(value, float),
                   "bool": isinstance(value, bool),
                   "str": isinstance(value, str),
-                  "list[str]": isinstance(value, list) and all(isinstance(v, str) for v in value)}[kind]
+                  "list[str]": isinstance(value, list) and all(isinstance(v, str) for v in value),
+                  "list[int]": isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool)
+                                                               for v in value)}[kind]
             if not ok:
                 raise UserError(f"{section}.{f.name} = {value!r}: expected {kind}")
 
@@ -246,5 +253,11 @@ def validate(cfg: Config) -> None:
     need(m.lambda_p > 0, f"method.lambda_p = {m.lambda_p}: must be > 0")
     need(m.private_lr_scale > 0, f"method.private_lr_scale = {m.private_lr_scale}: must be > 0")
     need(m.mu >= 0 and m.fedavg_mu >= 0, "method.mu and method.fedavg_mu must be >= 0")
+    need(m.client_ranks is None or (m.client_ranks and min(m.client_ranks) >= 1),
+         f"method.client_ranks = {m.client_ranks}: a non-empty list of ranks >= 1")
+    need(m.client_layers is None or (m.client_layers and min(m.client_layers) >= 1),
+         f"method.client_layers = {m.client_layers}: a non-empty list of depths >= 1")
+    need(m.n_adaptors >= 1, f"method.n_adaptors = {m.n_adaptors}: must be >= 1")
+    need(m.vera_rank >= 1, f"method.vera_rank = {m.vera_rank}: must be >= 1")
     need(m.head in (None, "shared", "local", "frozen"),
          f"method.head = {m.head!r}: expected shared, local or frozen")

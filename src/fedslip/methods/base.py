@@ -70,7 +70,7 @@ class Method:
     def build(self, backbone: Backbone) -> AdaptedModel:
         m = self.m
         r_p = m.r_p if self.uses_private else 0
-        return AdaptedModel(backbone, self.cfg.model.target_modules, m.r_g, m.alpha_g, r_p, m.alpha_p, m.dropout)
+        return AdaptedModel.dual(backbone, self.cfg.model.target_modules, m.r_g, m.alpha_g, r_p, m.alpha_p, m.dropout)
 
     def rounds(self) -> int:
         return self.t.rounds

@@ -8,6 +8,7 @@ backbone itself is never copied per client.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -20,26 +21,43 @@ from fedslip.model.backbone import Backbone, is_head, target_modules
 Tensors = dict[str, torch.Tensor]
 
 
+LayerFactory = Callable[[str, nn.Linear], nn.Module]
+
+
 class AdaptedModel:
-    def __init__(self, backbone: Backbone, targets: list[str] | None, r_g: int, alpha_g: float,
-                 r_p: int, alpha_p: float, dropout: float):
+    """The backbone with every LoRA target wrapped by `make_layer(name, linear)`.
+
+    The default layer is `DualLoRALinear`; a method with another adapter shape (VeRA, a mixture of LoRAs,
+    LoRA-SB, ...) passes its own factory. Every parameter and buffer an adapter layer adds (not its wrapped
+    `base`) and every head parameter is addressable by its full name.
+    """
+
+    def __init__(self, backbone: Backbone, targets: list[str] | None, make_layer: LayerFactory):
         self.net = copy.deepcopy(backbone.model)  # one copy per method; shared by all its clients
         self.pad_id = backbone.tokenizer.pad_token_id or 0
-        self.layers: dict[str, DualLoRALinear] = inject(
-            self.net, target_modules(self.net, targets), r_g, alpha_g, r_p, alpha_p, dropout)
-        self.r_g, self.r_p = r_g, r_p
+        self.layers: dict[str, nn.Module] = inject(self.net, target_modules(self.net, targets), make_layer)
         self._tensors: Tensors = {}
+        for lname, layer in self.layers.items():
+            for name, p in [*layer.named_parameters(), *layer.named_buffers()]:
+                if not name.startswith("base."):
+                    self._tensors[f"{lname}.{name}"] = p
         for name, p in self.net.named_parameters():
-            if name.endswith((".g_A", ".g_B", ".p_A", ".p_B")) or is_head(name):
+            if is_head(name):
                 self._tensors[name] = p
-        for name, b in self.net.named_buffers():
-            if name.endswith(("p_A_mask", "p_B_mask")):
-                self._tensors[name] = b
-        self.global_names = [n for n in self._tensors if n.endswith((".g_A", ".g_B"))]
-        self.private_names = [n for n in self._tensors if n.endswith((".p_A", ".p_B"))]
-        self.mask_names = [n for n in self._tensors if n.endswith("_mask")]
+        self.global_names = self.names_ending(".g_A", ".g_B")
+        self.private_names = self.names_ending(".p_A", ".p_B")
+        self.mask_names = self.names_ending("_mask")
         self.head_names = [n for n in self._tensors if is_head(n)]
         self.head_init = self.read(self.head_names)
+
+    @classmethod
+    def dual(cls, backbone: Backbone, targets: list[str] | None, r_g: int, alpha_g: float, r_p: int,
+             alpha_p: float, dropout: float) -> "AdaptedModel":
+        """The dual-track LoRA model (r_p = 0: plain LoRA on the global track)."""
+        return cls(backbone, targets, lambda name, base: DualLoRALinear(base, r_g, alpha_g, r_p, alpha_p, dropout))
+
+    def names_ending(self, *suffixes: str) -> list[str]:
+        return [n for n in self._tensors if n.endswith(suffixes)]
 
     # --- tensors by name -------------------------------------------------------------------------
     def params(self, names: list[str]) -> list[nn.Parameter]:
@@ -64,12 +82,16 @@ class AdaptedModel:
             if isinstance(t, nn.Parameter):
                 t.requires_grad_(name in wanted)
 
+    @property
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
     # --- initial values ---------------------------------------------------------------------------
     def init_track(self, track: str, generator: torch.Generator) -> Tensors:
         """Fresh LoRA values for track "g" or "p" of every layer (A random, B zero)."""
         out: Tensors = {}
         for name, layer in self.layers.items():
-            rank = layer.r_g if track == "g" else layer.r_p
+            rank = getattr(layer, f"r_{track}", 0)
             if rank:
                 a, b = lora_pair(rank, layer.base.in_features, layer.base.out_features, generator)
                 out[f"{name}.{track}_A"], out[f"{name}.{track}_B"] = a, b
@@ -82,13 +104,15 @@ class AdaptedModel:
     # --- forward ----------------------------------------------------------------------------------
     @contextmanager
     def mode(self, mode: str):
-        before = {n: layer.mode for n, layer in self.layers.items()}
-        for layer in self.layers.values():
+        """Set `mode` ("global", "both", "private") on every layer that has modes, restore after."""
+        moded = {n: layer for n, layer in self.layers.items() if hasattr(layer, "mode")}
+        before = {n: layer.mode for n, layer in moded.items()}
+        for layer in moded.values():
             layer.mode = mode
         try:
             yield
         finally:
-            for n, layer in self.layers.items():
+            for n, layer in moded.items():
                 layer.mode = before[n]
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

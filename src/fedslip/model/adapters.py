@@ -92,10 +92,9 @@ class DualLoRALinear(nn.Module):
         return y
 
 
-def inject(model: nn.Module, targets: list[str], r_g: int, alpha_g: float, r_p: int, alpha_p: float,
-           dropout: float) -> dict[str, DualLoRALinear]:
-    """Replace every nn.Linear whose name ends with a target by a DualLoRALinear; return them by name."""
-    found: dict[str, DualLoRALinear] = {}
+def inject(model: nn.Module, targets: list[str], make_layer) -> dict[str, nn.Module]:
+    """Replace every nn.Linear whose name ends with a target by `make_layer(name, linear)`; return them."""
+    found: dict[str, nn.Module] = {}
     for name, module in list(model.named_modules()):
         if not name or name.split(".")[-1] not in targets:
             continue
@@ -103,7 +102,7 @@ def inject(model: nn.Module, targets: list[str], r_g: int, alpha_g: float, r_p: 
             raise UserError(f"LoRA target {name} is a {type(module).__name__}, not nn.Linear: "
                             "set model.target_modules to linear projections")
         parent_name, _, child = name.rpartition(".")
-        layer = DualLoRALinear(module, r_g, alpha_g, r_p, alpha_p, dropout)
+        layer = make_layer(name, module)
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         found[name] = layer
     if not found:
