@@ -110,10 +110,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # Same shape (4 dominant-class clients, all methods, warmup then private steps), small enough for
     # 2 CPU cores in a few minutes. Fewer examples and rounds, so a larger learning rate.
     "quick": {
-        "partition": {"n_train": 192, "n_test": 100, "n_global_test": 50},
+        "partition": {"n_train": 256, "n_test": 100, "n_global_test": 50},
         "model": {"max_length": 64, "backbone_dropout": 0.0},
-        "train": {"rounds": 4, "local_epochs": 1, "local_only_epochs": 3, "lr": 5e-4},
-        "method": {"warmup_rounds": 1},
+        "train": {"rounds": 5, "local_epochs": 1, "local_only_epochs": 3, "lr": 5e-3},
+        "method": {"warmup_rounds": 2},
     },
 }
 
