@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             from fedslip.methods import METHODS
 
             for name, cls in METHODS.items():
-                print(f"{name:18s} {(cls.__doc__ or '').strip().splitlines()[0]}")
+                doc = cls.__doc__ or sys.modules[cls.__module__].__doc__ or ""
+                print(f"{name:18s} {(doc.strip().splitlines() or [''])[0]}")
             return 0
         if args.command == "run":
             methods = _method_list(args.method or "fedslip")

@@ -1,5 +1,7 @@
-"""FedProx + LoRA (Li et al., MLSys 2020): FedAvg with the proximal term μ/2‖w − w_global‖² on the
-shared LoRA tensors during local training (μ = method.mu, 0.1 by default)."""
+"""FedProx + LoRA (Li et al., MLSys 2020): FedAvg with a proximal term on the shared tensors.
+
+Local training adds μ/2‖w − w_global‖² over everything the client sends (μ = method.mu, 0.1 by default).
+"""
 
 from __future__ import annotations
 
