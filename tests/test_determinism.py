@@ -36,3 +36,19 @@ def test_other_seed_other_numbers():
     c, sim_c = run(1)
     assert [r.train_loss for r in a.rounds] != [r.train_loss for r in c.rounds]
     assert any(not torch.equal(t, sim_c.glob[n]) for n, t in sim_a.glob.items())
+
+
+def test_a_method_gives_the_same_numbers_whatever_else_is_compared(tmp_path):
+    """`compare` runs methods one after another on one backbone: none may leak state into the next."""
+    import json
+
+    from fedslip.cli import main
+
+    from test_cli import sets
+
+    finals = []
+    for methods in ("fedslip", "local,fedavg,fedslip"):
+        out = tmp_path / methods.replace(",", "-")
+        assert main(["compare", "--methods", methods, "--quiet", "--out", str(out), *sets()]) == 0
+        finals.append(json.loads((out / "results.json").read_text())["methods"]["fedslip"]["final"])
+    assert finals[0] == finals[1]
