@@ -46,3 +46,15 @@ def ag_news_dir() -> Path:
     if not (AG_NEWS_DIR / "train.csv").is_file():
         pytest.skip(f"AG News not found at {AG_NEWS_DIR} (see README: Data)")
     return AG_NEWS_DIR
+
+
+def layers(prep) -> list[str]:
+    """Names of the adapted projections of the tiny BERT (query and value of every layer)."""
+    cfg = prep.backbone.model.config
+    return [f"bert.encoder.layer.{i}.attention.self.{proj}" for i in range(cfg.num_hidden_layers)
+            for proj in ("query", "value")]
+
+
+def head_shapes(prep) -> dict[str, tuple[int, ...]]:
+    hidden, n_classes = prep.backbone.model.config.hidden_size, prep.data.num_classes
+    return {"classifier.weight": (n_classes, hidden), "classifier.bias": (n_classes,)}

@@ -14,18 +14,7 @@ from fedslip.cli import main
 from fedslip.federation.simulation import Simulation
 from fedslip.methods import METHODS
 
-from conftest import tiny_config
-
-
-def layers(prep) -> list[str]:
-    cfg = prep.backbone.model.config
-    return [f"bert.encoder.layer.{i}.attention.self.{proj}" for i in range(cfg.num_hidden_layers)
-            for proj in ("query", "value")]
-
-
-def head_shapes(prep) -> dict[str, tuple[int, ...]]:
-    hidden, n_classes = prep.backbone.model.config.hidden_size, prep.data.num_classes
-    return {"classifier.weight": (n_classes, hidden), "classifier.bias": (n_classes,)}
+from conftest import head_shapes, layers, tiny_config
 
 
 def spy_aggregate(sim) -> list:

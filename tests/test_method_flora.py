@@ -12,20 +12,9 @@ from fedslip.federation import simulation
 from fedslip.federation.simulation import Simulation, select_clients
 from fedslip.methods import METHODS
 
-from conftest import tiny_config
+from conftest import head_shapes, layers, tiny_config
 
 RANKS = [16, 8, 8, 4]  # the documented default, cycled over client ids
-
-
-def layers(prep) -> list[str]:
-    cfg = prep.backbone.model.config
-    return [f"bert.encoder.layer.{i}.attention.self.{proj}" for i in range(cfg.num_hidden_layers)
-            for proj in ("query", "value")]
-
-
-def head_shapes(prep) -> dict[str, tuple[int, ...]]:
-    hidden, n_classes = prep.backbone.model.config.hidden_size, prep.data.num_classes
-    return {"classifier.weight": (n_classes, hidden), "classifier.bias": (n_classes,)}
 
 
 def spy_aggregate(sim) -> list:

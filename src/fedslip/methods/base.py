@@ -78,13 +78,29 @@ class Method:
     def local_epochs(self) -> int:
         return self.t.local_epochs
 
+    def shared_head(self, model: AdaptedModel) -> list[str]:
+        """Head tensors that travel with the shared payload (head policy "shared")."""
+        return model.head_names if self.head == "shared" else []
+
+    def trained_head(self, model: AdaptedModel) -> list[str]:
+        """Head tensors that are trained ("shared" or "local"; a "frozen" head never changes)."""
+        return model.head_names if self.head != "frozen" else []
+
+    def head_view(self, model: AdaptedModel, glob: Tensors, client: ClientState) -> Tensors:
+        """The head a client's model uses: the shared one from `glob`, its own, or the seeded init."""
+        if self.head == "shared":
+            return {n: glob[n] for n in model.head_names}
+        if self.head == "local":
+            return {n: client.tensors[n] for n in model.head_names}
+        return dict(model.head_init)
+
     def shared_names(self, model: AdaptedModel) -> list[str]:
         """Tensors the server and clients exchange."""
-        return model.global_names + (model.head_names if self.head == "shared" else [])
+        return model.global_names + self.shared_head(model)
 
     def global_train_names(self, model: AdaptedModel) -> list[str]:
         """Tensors the global (shared) step trains: the global track and a non-frozen head."""
-        return model.global_names + (model.head_names if self.head != "frozen" else [])
+        return model.global_names + self.trained_head(model)
 
     # --- state --------------------------------------------------------------------------------------
     def init_global(self, model: AdaptedModel, gen: torch.Generator) -> Tensors:

@@ -49,10 +49,10 @@ class FedSA(Method):
 
     # --- the Method seam ---------------------------------------------------------------------------------
     def shared_names(self, model: AdaptedModel) -> list[str]:
-        return self.shared_adapter_names(model) + (model.head_names if self.head == "shared" else [])
+        return self.shared_adapter_names(model) + self.shared_head(model)
 
     def global_train_names(self, model: AdaptedModel) -> list[str]:
-        head = model.head_names if self.head != "frozen" else []
+        head = self.trained_head(model)
         return self.shared_adapter_names(model) + self.local_adapter_names(model) + head
 
     def init_global(self, model: AdaptedModel, gen: torch.Generator) -> Tensors:

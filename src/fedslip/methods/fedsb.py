@@ -77,7 +77,7 @@ class FedSB(Method):
         return model.names_ending(".sb_A", ".sb_B")
 
     def shared_names(self, model: AdaptedModel) -> list[str]:
-        return self.r_names(model) + (model.head_names if self.head == "shared" else [])
+        return self.r_names(model) + self.shared_head(model)
 
     def init_global(self, model: AdaptedModel, gen: torch.Generator) -> Tensors:
         return dict(model.head_init) if self.head == "shared" else {}
@@ -110,7 +110,7 @@ class FedSB(Method):
             return self.gradient_estimate(model, client, data)
         client.tensors.update({k: t for k, t in down.items() if k.endswith((".sb_A", ".sb_B"))})
         model.load({**model.head_init, **down, **client.tensors})
-        names = self.r_names(model) + (model.head_names if self.head != "frozen" else [])
+        names = self.r_names(model) + self.trained_head(model)
         opt = adamw(model.params(names), self.t.lr, self.t.weight_decay)
         losses = []
         with training(model):
@@ -153,10 +153,7 @@ class FedSB(Method):
         basis = {k: t for k, t in client.tensors.items() if k.endswith((".sb_A", ".sb_B"))}
         sent = {k: t for k, t in glob.items() if k.endswith((".sb_A", ".sb_B", ".sb_R"))}
         view = {**model.head_init, **basis, **sent}
-        if self.head == "shared":
-            view.update({n: glob[n] for n in model.head_names})
-        elif self.head == "local":
-            view.update({n: client.tensors[n] for n in model.head_names})
+        view.update(self.head_view(model, glob, client))
         return view
 
     def personal_view(self, model: AdaptedModel, glob: Tensors, client: ClientState) -> Tensors:

@@ -55,10 +55,10 @@ class FFALoRA(Method):
         return model.names_ending(".g_B")
 
     def shared_names(self, model: AdaptedModel) -> list[str]:
-        return self.b_names(model) + (model.head_names if self.head == "shared" else [])
+        return self.b_names(model) + self.shared_head(model)
 
     def global_train_names(self, model: AdaptedModel) -> list[str]:
-        return self.b_names(model) + (model.head_names if self.head != "frozen" else [])
+        return self.b_names(model) + self.trained_head(model)
 
     def init_global(self, model: AdaptedModel, gen: torch.Generator) -> Tensors:
         glob = {n: torch.zeros_like(t) for n, t in model.read(self.b_names(model)).items()}  # B = 0

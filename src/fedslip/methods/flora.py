@@ -84,7 +84,7 @@ class FLoRA(Method):
         return flora_model(backbone, self.cfg.model.target_modules, self.ranks, self.m.dropout)
 
     def shared_names(self, model: AdaptedModel) -> list[str]:
-        return model.head_names if self.head == "shared" else []
+        return self.shared_head(model)
 
     def init_global(self, model: AdaptedModel, gen: torch.Generator) -> Tensors:
         glob = {n: torch.zeros_like(t) for n, t in model.read(delta_names(model)).items()}
@@ -142,7 +142,7 @@ class FLoRA(Method):
         head = {k: t for k, t in down.items() if is_head(k)}
         model.load({**model.head_init, **head, **client.tensors, **fresh})
         lora = pair_names(model, rank)
-        names = lora + (model.head_names if self.head != "frozen" else [])
+        names = lora + self.trained_head(model)
         opt = adamw(model.params(names), self.t.lr, self.t.weight_decay)
         losses = []
         with active(model, rank, self.scaling(rank)), training(model):
@@ -206,10 +206,7 @@ class FLoRA(Method):
                 d = client.tensors[f"{layer}.delta"]
                 view[f"{layer}.delta"] = d + glob[f"{layer}.B"] @ glob[f"{layer}.A"] if f"{layer}.A" in glob else d
         view = {**model.head_init, **view}
-        if self.head == "shared":
-            view.update({n: glob[n] for n in model.head_names})
-        elif self.head == "local":
-            view.update({n: client.tensors[n] for n in model.head_names})
+        view.update(self.head_view(model, glob, client))
         return view
 
     def personal_view(self, model: AdaptedModel, glob: Tensors, client: ClientState) -> Tensors:

@@ -97,7 +97,7 @@ class FLoRAL(Method):
         return model.names_ending(".mix_A", ".mix_B")
 
     def shared_names(self, model: AdaptedModel) -> list[str]:
-        return self.adaptor_names(model) + (model.head_names if self.head == "shared" else [])
+        return self.adaptor_names(model) + self.shared_head(model)
 
     # --- state --------------------------------------------------------------------------------------
     def init_global(self, model: AdaptedModel, gen: torch.Generator) -> Tensors:
@@ -121,7 +121,7 @@ class FLoRAL(Method):
                      rnd: int) -> tuple[Payload, ClientState, dict[str, float]]:
         model.load(self.client_view(model, down, client))
         adaptors = self.adaptor_names(model)
-        head = model.head_names if self.head != "frozen" else []
+        head = self.trained_head(model)
         logits = self.router_name(model)
         opt = torch.optim.AdamW([{"params": model.params(adaptors + head)},
                                  {"params": model.params([logits]), "weight_decay": 0.0}],
