@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -43,9 +44,11 @@ def tiny_prep():
 
 
 def ag_news_dir() -> Path:
-    if not (AG_NEWS_DIR / "train.csv").is_file():
-        pytest.skip(f"AG News not found at {AG_NEWS_DIR} (see README: Data)")
-    return AG_NEWS_DIR
+    """$FEDSLIP_DATA_DIR if set, else ../shared/data/ag_news beside the checkout; skip when absent."""
+    folder = Path(os.environ.get("FEDSLIP_DATA_DIR") or AG_NEWS_DIR)
+    if not (folder / "train.csv").is_file():
+        pytest.skip(f"AG News not found at {folder}: set FEDSLIP_DATA_DIR (see README: Data)")
+    return folder
 
 
 def layers(prep) -> list[str]:

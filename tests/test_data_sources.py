@@ -15,7 +15,8 @@ from fedslip.data import sources
 from fedslip.data.sources import load_data
 from fedslip.errors import UserError
 
-AG_DIR = Path(__file__).resolve().parents[2] / "shared/data/ag_news"
+from conftest import ag_news_dir
+
 
 # (label 0..3, title, description); titles/descriptions include a comma, a quote and a newline on purpose
 AG_ROWS = [
@@ -58,9 +59,7 @@ def test_ag_news_both_formats(tmp_path, original):
 
 
 def test_ag_news_real_folder():
-    if not (AG_DIR / "train.csv").is_file():
-        pytest.skip(f"AG News not found at {AG_DIR}: see README")
-    data = load_data(DataConfig(source="ag_news", data_dir=str(AG_DIR)))
+    data = load_data(DataConfig(source="ag_news", data_dir=str(ag_news_dir())))
     assert (len(data.train), len(data.test)) == (10429, 7600)
     train_labels, test_labels = np.asarray(data.train["label"][:]), np.asarray(data.test["label"][:])
     assert np.bincount(test_labels).tolist() == [1900] * 4

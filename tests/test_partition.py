@@ -13,7 +13,8 @@ from fedslip.data.partition import DominantLabelPartitioner, describe_split, mak
 from fedslip.data.sources import TextData, load_data, make_dataset
 from fedslip.errors import UserError
 
-AG_DIR = Path(__file__).resolve().parents[2] / "shared/data/ag_news"
+from conftest import ag_news_dir
+
 
 
 def blocks(per_class: int, n_classes: int, seed: int) -> TextData:
@@ -106,9 +107,7 @@ def test_pool_too_small_errors():
 
 
 def test_reference_protocol_on_real_ag_news():
-    if not (AG_DIR / "train.csv").is_file():
-        pytest.skip(f"AG News not found at {AG_DIR}: see README")
-    data = load_data(DataConfig(source="ag_news", data_dir=str(AG_DIR)))
+    data = load_data(DataConfig(source="ag_news", data_dir=str(ag_news_dir())))
     cfg = PartitionConfig(scheme="dominant", n_clients=4, rho=0.8, n_train=2000, n_test=500, n_global_test=400)
     split = make_split(data, cfg, 0)
     # 0.8 * 2000 = 1600, 400 over 3 -> 134/133/133; 0.8 * 500 = 400, 100 over 3 -> 34/33/33
