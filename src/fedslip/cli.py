@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--methods", default="local,fedavg,dualtrack-naive,fedslip",
                       help="comma-separated method names, or 'all'")
     sub.add_parser("methods", help="list the available methods")
+    from fedslip.flower_cli import add_commands
+
+    add_commands(sub, _common)
     return parser
 
 
@@ -88,6 +91,9 @@ def _execute(args, methods: list[str], out: Path) -> int:
     from fedslip.progress import NullProgress, RichProgress
 
     cfg = _config(args, methods[0])
+    if cfg.method.strategy != "method":
+        raise UserError(f"method.strategy = {cfg.method.strategy!r} applies to Flower runs (fedslip flower, "
+                        "fedslip deploy); the in-process engine aggregates with the method's own rule")
     console = Console(stderr=True)
     start = time.perf_counter()
     prep = prepare(cfg)
@@ -110,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         args = build_parser().parse_args(argv)
+        if hasattr(args, "flower_handler"):
+            return args.flower_handler(args)
         if args.command == "methods":
             from fedslip.methods import METHODS
 

@@ -85,6 +85,7 @@ class MethodConfig:
     fedavg_mu: float = 0.0  # FedProx for fedavg (0 = plain FedAvg)
     kstep: bool = True  # fedavg: K-step personalization after the last round
     head: str | None = None  # shared | local | frozen; None: the method's own default
+    strategy: str = "method"  # server aggregation: "method" (its own) or a Flower strategy, e.g. "fedmedian"
     # related methods (see README's method table)
     client_ranks: list[int] | None = None  # flora: LoRA rank per client (cycled); None: [16, 8, 8, 4]
     client_layers: list[int] | None = None  # pfedlora: backbone depth per client (cycled); None: [3, 4, 6, 6]

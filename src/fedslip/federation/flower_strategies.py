@@ -1,0 +1,172 @@
+"""Server-side aggregation by Flower's strategies, applied only to what the method shares.
+
+`method.strategy` selects how the server combines the clients' uploads:
+
+* ``method`` (default): the method's own `aggregate` (FedAvg's example-weighted mean for most methods);
+  exactly what the in-process engine does.
+* a Flower strategy, optionally with parameters: ``fedavg``, ``fedprox:mu=0.01``, ``fedadam:eta=0.01``,
+  ``fedavgm:server_momentum=0.9``, ``fedmedian``, ``fedtrimmedavg:beta=0.25``, ``krum:num_malicious_nodes=1``
+  (also ``fedyogi``, ``fedadagrad``, ``multikrum``, ``bulyan``). Parameters are the strategy's own keyword
+  arguments (see `flwr.serverapp.strategy`), comma-separated, values as TOML literals.
+
+The strategy sees the uploads as Flower reply messages (one `ArrayRecord` of the payload tensors + one
+`MetricRecord` with ``num-examples``) and returns the new values of exactly those tensors; anything else of
+the global state (and everything private) never reaches it. Sampling stays ours (`select_clients`, seeded),
+so only the strategy's `configure_train` bookkeeping (FedOpt's/FedAvgM's current arrays, FedProx's
+``proximal-mu``) and its `aggregate_train` are used.
+
+FedProx's ``proximal-mu`` replaces the method's proximal coefficient on the global track on the clients
+(`prox_override`). A method whose down payloads differ between clients, or whose uploads are not the same
+tensors as its down payload, cannot use the adaptive strategies (FedOpt family, FedAvgM): they are defined
+as steps from "the arrays sent" to "the aggregate".
+"""
+
+from __future__ import annotations
+
+import tomllib
+from typing import Any
+
+import torch
+
+from fedslip.errors import UserError
+from fedslip.federation.payload import Payload
+from fedslip.federation.flower_records import ARRAYS, CONFIG, METRICS, payload_to_record, record_to_payload
+
+STRATEGIES = {
+    "fedavg": "FedAvg", "fedprox": "FedProx", "fedadam": "FedAdam", "fedavgm": "FedAvgM",
+    "fedmedian": "FedMedian", "fedtrimmedavg": "FedTrimmedAvg", "krum": "Krum", "multikrum": "MultiKrum",
+    "fedyogi": "FedYogi", "fedadagrad": "FedAdagrad", "bulyan": "Bulyan",
+}
+ALIASES = {"mu": "proximal_mu", "beta": "beta"}  # short names for the common parameters
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"name:key=value,key=value"`` -> (name, kwargs)."""
+    name, _, rest = spec.strip().partition(":")
+    name = name.strip().lower()
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        if "=" not in item:
+            raise UserError(f"method.strategy = {spec!r}: expected name:key=value,... (got {item!r})")
+        key, raw = (s.strip() for s in item.split("=", 1))
+        try:
+            kwargs[ALIASES.get(key, key)] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            raise UserError(f"method.strategy = {spec!r}: {key} = {raw!r} is not a number or TOML literal") from None
+    if name != "method" and name not in STRATEGIES:
+        raise UserError(f"method.strategy = {spec!r}: unknown strategy {name!r} "
+                        f"(known: method, {', '.join(STRATEGIES)})")
+    if name == "method" and kwargs:
+        raise UserError(f"method.strategy = {spec!r}: the method's own aggregation takes no parameters")
+    return name, kwargs
+
+
+def make_strategy(spec: str):
+    """The Flower strategy for `spec`, or None for the method's own aggregation."""
+    name, kwargs = parse_spec(spec)
+    if name == "method":
+        return None
+    from flwr.serverapp import strategy as flwr_strategies
+
+    cls = getattr(flwr_strategies, STRATEGIES[name])
+    base = {"fraction_train": 1.0, "min_train_nodes": 1, "min_available_nodes": 1}
+    try:
+        return cls(**{**base, **kwargs})
+    except (TypeError, ValueError) as e:
+        raise UserError(f"method.strategy = {spec!r}: {e}") from None
+
+
+class _FixedNodes:
+    """The least of a Grid a strategy's `configure_train` needs: the node ids (all of them are sampled)."""
+
+    def __init__(self, node_ids: list[int]):
+        self.node_ids = node_ids
+
+    def get_node_ids(self):
+        return list(self.node_ids)
+
+
+class StrategyAggregation:
+    """Aggregate uploads with a Flower strategy; keeps the strategy's state across rounds."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        self.strategy = make_strategy(spec)
+        self.configured_round = 0
+        self.train_config: dict[str, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return type(self.strategy).__name__
+
+    def configure(self, rnd: int, sent: Payload, n_nodes: int = 1) -> dict[str, Any]:
+        """Tell the strategy what is sent this round; return the config it adds to train messages."""
+        from flwr.app import ConfigRecord
+
+        from fedslip.federation.flower_local import ensure_task_identity
+
+        ensure_task_identity()
+        if self.configured_round == rnd:
+            return self.train_config
+        config = ConfigRecord()
+        nodes = _FixedNodes(list(range(1, n_nodes + 1)))
+        list(self.strategy.configure_train(rnd, payload_to_record(sent), config, nodes))  # messages unused
+        self.configured_round = rnd
+        self.train_config = {k: v for k, v in config.items() if k != "server-round"}
+        return self.train_config
+
+    def aggregate_messages(self, rnd: int, replies: list, glob: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        arrays, _ = self.strategy.aggregate_train(rnd, replies)
+        if arrays is None:
+            return glob
+        new = record_to_payload(arrays)
+        unknown = set(new) - set(glob)
+        if unknown:
+            raise UserError(f"strategy {self.name}: uploads carry tensors the global state lacks: "
+                            f"{sorted(unknown)[:3]}")
+        return {**glob, **{k: v.to(glob[k].dtype) for k, v in new.items()}}
+
+    def aggregate(self, ups: list[tuple[Payload, int]], glob: dict[str, torch.Tensor], rnd: int,
+                  sent: Payload | None = None) -> dict[str, torch.Tensor]:
+        """Aggregate (payload, n_examples) uploads, as the in-process engine hands them to a method."""
+        if not ups:
+            return glob
+        sent = sent if sent is not None else {k: glob[k] for k in ups[0][0]}
+        self.configure(rnd, sent, len(ups))
+        return self.aggregate_messages(rnd, replies_for(ups, rnd), glob)
+
+
+def replies_for(ups: list[tuple[Payload, int]], rnd: int) -> list:
+    """Flower reply messages carrying the uploads, as a ServerApp receives them."""
+    from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+    from fedslip.federation.flower_local import ensure_task_identity
+
+    ensure_task_identity()
+    out = []
+    for k, (payload, n) in enumerate(ups):
+        ins = Message(RecordDict({CONFIG: ConfigRecord({"server-round": rnd})}), k + 1, MessageType.TRAIN,
+                      group_id=str(rnd))
+        out.append(Message(RecordDict({ARRAYS: payload_to_record(payload),
+                                       METRICS: MetricRecord({"num-examples": int(n)})}), reply_to=ins))
+    return out
+
+
+def prox_override(method, mu: float) -> None:
+    """Use `mu` as the proximal coefficient of the method's global step (FedProx strategy on the clients)."""
+    method.prox_mu = lambda: mu
+    method.m.mu = mu
+    method.m.fedavg_mu = mu
+
+
+def with_strategy(method):
+    """Route `method.aggregate` through its configured Flower strategy (for the in-process engine too)."""
+    spec = getattr(method.cfg.method, "strategy", "method") or "method"
+    agg = StrategyAggregation(spec) if parse_spec(spec)[0] != "method" else None
+    if agg is None:
+        return method
+    if "proximal_mu" in vars(agg.strategy):
+        prox_override(method, float(agg.strategy.proximal_mu))
+    method.aggregate = lambda ups, glob, rnd: agg.aggregate(ups, glob, rnd)
+    method.strategy_aggregation = agg
+    return method

@@ -1,0 +1,111 @@
+"""`fedslip deploy` and `fedslip flower`: the same runs as `fedslip run`, on Flower.
+
+* `fedslip deploy`: a real deployment on this machine: one SuperLink and one SuperNode per client on
+  127.0.0.1, TLS certificates and SuperNode keys generated for the run (`--insecure`: neither), the app
+  submitted with `flwr run`; the ServerApp writes the usual output files into `--out`.
+* `fedslip flower --runtime local`: the ServerApp and ClientApp in this process over an in-memory grid
+  (messages still go through Flower's serialization); `--runtime simulation`: Flower's simulation engine
+  (Ray) behind a SuperLink started for the run.
+
+Hooked into `fedslip.cli` by `add_commands(sub, _common)` in `build_parser` and, in `main`,
+`if hasattr(args, "flower_handler"): return args.flower_handler(args)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+
+def add_commands(sub, common) -> None:
+    dep = sub.add_parser("deploy", help="run one method on a SuperLink + one SuperNode per client on 127.0.0.1")
+    common(dep)
+    dep.add_argument("--method", help="method name (default fedslip)")
+    dep.add_argument("--insecure", action="store_true", help="no TLS and no SuperNode authentication (debugging)")
+    dep.add_argument("--min-available", type=int, default=0, help="clients that must be online (default: all)")
+    dep.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run (default 3600)")
+    dep.add_argument("--workdir", help="folder for certificates, keys, node state and logs (default: a temp folder)")
+    dep.set_defaults(flower_handler=_deploy)
+    fl = sub.add_parser("flower", help="run one method as a Flower app in this process or on Flower's "
+                                       "simulation engine")
+    common(fl)
+    fl.add_argument("--method", help="method name (default fedslip)")
+    fl.add_argument("--runtime", choices=("local", "simulation"), default="local",
+                    help="local: in-process grid (no Ray); simulation: Flower's simulation engine (Ray)")
+    fl.add_argument("--cpus", type=int, default=2, help="simulation: CPUs Ray may use (default 2)")
+    fl.add_argument("--timeout", type=float, default=3600.0, help="simulation: seconds to wait (default 3600)")
+    fl.add_argument("--workdir", help="folder for node state and logs (default: a temp folder)")
+    fl.set_defaults(flower_handler=_flower)
+
+
+def _prepare_run(args, default_out: str):
+    from fedslip.cli import _config, _method_list, _out_dir, _toml_str
+    from fedslip.errors import UserError
+    from fedslip.federation.deploy import run_config_for
+
+    try:
+        import flwr  # noqa: F401
+    except ImportError:
+        raise UserError("the Flower runtime needs Flower: pip install -e '.[flower]'") from None
+    method = _method_list(args.method or "fedslip")[0]
+    cfg = _config(args, method)  # validated here: a bad config stops before anything starts
+    out = _out_dir(args, default_out.format(method=method))
+    sets = list(args.sets)
+    if args.data_dir:
+        sets.append(f"data.data_dir={_toml_str(str(Path(args.data_dir).resolve()))}")
+    rc = run_config_for(args.preset, method, args.config, sets, out, getattr(args, "min_available", 0))
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fedslip-flower-")).resolve()
+    return cfg, rc, out, workdir
+
+
+def _report(out: Path, workdir: Path, start: float) -> int:
+    print((out / "comparison.md").read_text(encoding="utf-8").rstrip())
+    print(f"wrote {out}/ (results.json rounds.csv clients.csv ledger.csv wire.csv flower.json ...) in "
+          f"{time.perf_counter() - start:.0f} s; node state and logs in {workdir}/")
+    return 0
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from fedslip.federation.deploy import deploy
+
+    start = time.perf_counter()
+    cfg, rc, out, workdir = _prepare_run(args, "runs/deploy-{method}")
+    print(f"deploying {rc['method']}: SuperLink + {cfg.partition.n_clients} SuperNodes on 127.0.0.1 "
+          f"({'insecure' if args.insecure else 'TLS, SuperNode authentication'}); workdir {workdir}")
+    deploy(rc, workdir, n_nodes=cfg.partition.n_clients, insecure=args.insecure, timeout=args.timeout)
+    return _report(out, workdir, start)
+
+
+def _flower(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    cfg, rc, out, workdir = _prepare_run(args, "runs/flower-{method}")
+    n = cfg.partition.n_clients
+    if args.runtime == "local":
+        from flwr.app import Context, RecordDict
+
+        from fedslip.federation.flower_app import client_app, server_app
+        from fedslip.federation.flower_local import LocalGrid
+
+        nodes = [{"partition-id": k, "num-partitions": n, "state-dir": str(workdir / f"node{k}")} for k in range(n)]
+        grid = LocalGrid(client_app, nodes, rc, run_id=1, seed=cfg.train.seed)
+        server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc))
+    else:
+        run_simulation(rc, workdir, n, cpus=args.cpus, timeout=args.timeout)
+    return _report(out, workdir, start)
+
+
+def run_simulation(rc: dict, workdir: Path, n_nodes: int, cpus: int = 2, timeout: float = 3600.0) -> dict:
+    """`flwr run` on Flower's simulation engine (Ray), behind a SuperLink started (and stopped) for this run."""
+    from fedslip.federation.deploy import Loopback
+
+    federation = {"num-supernodes": n_nodes, "client-resources-num-cpus": 1, "client-resources-num-gpus": 0.0,
+                  "init-args-num-cpus": cpus, "init-args-num-gpus": 0}
+    with Loopback(workdir, n_nodes, insecure=True, simulation=True) as lb:
+        run_id = lb.submit(rc, federation)
+        info = lb.wait(run_id, timeout)
+        (workdir / "run.log").write_text(lb.logs(run_id), encoding="utf-8")
+    if info["status"] != "finished:completed" or not (Path(rc["out"]) / "results.json").is_file():
+        raise RuntimeError(f"simulation run {run_id} ended as {info['status']}; see {workdir}/run.log")
+    return info

@@ -1,0 +1,155 @@
+"""The Flower app runs the same methods as the in-process engine: same global state, same ledger, same results.
+
+The ServerApp and ClientApp run in one process over `LocalGrid` (every message deflated to Flower's wire
+objects and inflated again, one `Context` per node); the real SuperLink/SuperNode deployment is in
+test_flower_deploy.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from flower_util import assert_same_state, flower_run, ledger_rows, run_config, snapshot_rounds
+
+from fedslip.errors import UserError
+from fedslip.federation import flower_app
+from fedslip.federation.flower_app import config_from_run
+from fedslip.federation.flower_local import over_the_wire
+from fedslip.federation.flower_records import (load_state_file, payload_to_record, record_to_payload,
+                                               save_state_file, state_digest, unpack_state, pack_state)
+from fedslip.federation.simulation import Simulation
+from fedslip.methods import METHODS
+from fedslip.methods.base import ClientState
+from fedslip.seeding import torch_gen
+
+from conftest import tiny_config
+
+# fedslip with warmup 0: the private track trains (and its optimizer state persists) from round 1.
+SECTIONS = {"fedavg": {}, "fedslip": {"method": {"warmup_rounds": 0}}}
+
+
+@pytest.fixture(scope="module", params=["fedavg", "fedslip"])
+def pair(request, tiny_prep, tmp_path_factory):
+    method = request.param
+    cfg = tiny_config(method, **SECTIONS[method])
+    sim = Simulation(tiny_prep, METHODS[method](cfg))
+    sim_history = snapshot_rounds(sim)
+    result, ledger = sim.run()
+    server, grid, out = flower_run(tmp_path_factory.mktemp(f"flower-{method}"), method, tiny_prep, SECTIONS[method])
+    return {"method": method, "sim": sim, "sim_history": sim_history, "result": result, "ledger": ledger,
+            "server": server, "grid": grid, "out": out}
+
+
+def test_global_state_after_round_1_and_last_round_match_inprocess(pair):
+    fl, sim = pair["server"].history, pair["sim_history"]
+    assert len(fl) == len(sim) == 2
+    assert_same_state(fl[0], sim[0])
+    assert_same_state(fl[-1], sim[-1])
+    # the state did move: round 1 is not the initial state
+    init = pair["sim"].method.init_global(pair["sim"].model, torch_gen(0, "global"))
+    assert any(not torch.equal(init[k], fl[0][k]) for k in init)
+
+
+def test_same_byte_ledger_as_inprocess(pair):
+    assert ledger_rows(pair["server"].ledger) == ledger_rows(pair["ledger"])
+    with open(pair["out"] / "ledger.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["round"], r["client"], r["direction"], r["bytes"]) for r in rows] == \
+        [(str(e.round), str(e.client), e.direction, str(e.bytes)) for e in pair["ledger"].entries]
+
+
+def test_same_results_files_as_inprocess(pair):
+    for name in ("results.json", "rounds.csv", "clients.csv", "ledger.csv", "comparison.md", "figure.png",
+                 "wire.csv", "flower.json"):
+        assert (pair["out"] / name).is_file(), name
+    doc = json.loads((pair["out"] / "results.json").read_text())
+    final = doc["methods"][pair["method"]]["final"]
+    expected = pair["result"].final
+    n_test = min(c.n_test for c in pair["result"].clients)
+    for key, value in expected.items():
+        if value is None:
+            assert final[key] is None, key
+        elif key.endswith(("acc", "_mean", "_weighted", "_worst")):  # an example may flip on a float tie
+            assert abs(final[key] - value) <= 1.0 / n_test + 1e-9, key
+        else:
+            assert final[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    for a, b in zip(pair["server"].ledger.entries, pair["ledger"].entries):
+        assert a == b
+
+
+@pytest.mark.parametrize("pair", ["fedslip"], indirect=True)  # fedavg keeps no private state
+def test_restarted_node_resumes_private_state_from_disk(pair, tiny_prep, tmp_path):
+    """Partition 2's process is replaced before round 2 (new node id, empty Context.state): it reads its
+    state folder and the run ends exactly where the uninterrupted in-process run ends."""
+    server, grid, out = flower_run(tmp_path, "fedslip", tiny_prep, SECTIONS["fedslip"],
+                                   before_round={2: lambda g: g.restart(2)}, run_id=12)
+    assert len(grid.contexts) == 5  # the restarted node is a new node
+    events = [json.loads(line) for line in (tmp_path / "node2" / "events.jsonl").read_text().splitlines()]
+    saves = [e for e in events if e["event"] == "save"]
+    resumes = [e for e in events if e["event"] == "resume"]
+    assert len(resumes) == 1 and resumes[0]["round"] == 1 and resumes[0]["digest"] == saves[0]["digest"]
+    assert_same_state(server.history[-1], pair["sim_history"][-1])
+    fl_clients = json.loads((out / "results.json").read_text())["methods"]["fedslip"]["clients"]
+    for c, ref in zip(fl_clients, pair["result"].clients):
+        assert abs(c["personal_acc"] - ref.personal_acc) <= 1.0 / ref.n_test + 1e-9
+    # the private track on disk is the in-process engine's private track of that client
+    state, meta = load_state_file(tmp_path / "node2" / "run-12-partition-2.safetensors")
+    assert meta["round"] == 2
+    for name, t in pair["sim"].clients[2].tensors.items():
+        assert torch.allclose(state.tensors[name], t, rtol=1e-5, atol=1e-7), name
+
+
+def test_payload_travels_as_exactly_its_tensors():
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    from fedslip.federation.flower_local import ensure_task_identity
+
+    ensure_task_identity()
+    g = torch.Generator().manual_seed(3)
+    payload = {"b.weight": torch.randn(3, 5, generator=g), "a.scalar": torch.tensor(2.5),
+               "c.bias": torch.randn(7, generator=g).double(), "d.int": torch.arange(4)}
+    msg = Message(RecordDict({"arrays": payload_to_record(payload), "config": ConfigRecord({"server-round": 1})}),
+                  5, MessageType.TRAIN)
+    msg.metadata.__dict__["_message_id"] = "x"
+    got = record_to_payload(over_the_wire(msg).content["arrays"])
+    assert list(got) == list(payload)  # same names, same order
+    for name, t in payload.items():
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+
+
+def test_client_state_round_trips_through_records_and_disk(tmp_path):
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    state = ClientState(tensors={"x.p_A": torch.randn(2, 4), "x.p_A_mask": torch.ones(2, 4)},
+                        optim={"private": opt.state_dict()})
+    tensors, skeleton = pack_state(state)
+    back = unpack_state(tensors, skeleton)
+    assert state_digest(back) == state_digest(state)
+    fresh = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    fresh.load_state_dict(back.optim["private"])  # loads as an optimizer state
+    save_state_file(tmp_path / "s.safetensors", state, {"round": 3})
+    loaded, meta = load_state_file(tmp_path / "s.safetensors")
+    assert meta == {"round": 3} and state_digest(loaded) == state_digest(state)
+    state.tensors["x.p_A"] += 1  # a different state has a different digest
+    assert state_digest(state) != state_digest(loaded)
+
+
+def test_run_config_builds_the_fedslip_config():
+    cfg = config_from_run(run_config("fedavg", train={"rounds": 3, "lr": 0.01}))
+    assert cfg.method.name == "fedavg" and cfg.train.rounds == 3 and cfg.train.lr == 0.01
+    assert cfg.model.backbone == "tiny-random:bert"
+    from fedslip.config import PRESETS
+
+    quick = config_from_run({"preset": "quick", "method": "fedslip", "overrides": ""})
+    assert quick.train.rounds == PRESETS["quick"]["train"]["rounds"] and quick.model.max_length == 64
+    with pytest.raises(UserError):
+        config_from_run({"method": "fedslip", "overrides": "train.nope=1"})
+    with pytest.raises(UserError):
+        config_from_run({"method": "no-such-method"})
+    assert flower_app.split_overrides("a.b=1; c.d='x'\ne.f=2") == ["a.b=1", "c.d='x'", "e.f=2"]

@@ -1,0 +1,44 @@
+"""`fedslip flower` / `fedslip deploy` (fedslip.flower_cli): same flags and outputs as `fedslip run`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import flower_util  # noqa: F401  (skips without Flower)
+
+from fedslip import cli
+from fedslip.errors import UserError
+from fedslip.flower_cli import add_commands
+
+from test_cli import sets
+
+
+def parser():
+    p = cli._Parser(prog="fedslip")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=cli._Parser)
+    add_commands(sub, cli._common)
+    return p
+
+
+def test_flower_local_runtime_writes_the_run_outputs(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = parser().parse_args(["flower", "--runtime", "local", "--method", "fedavg", "--quiet", "--out", str(out),
+                                "--workdir", str(tmp_path / "work"), *sets(["train.rounds=1"])])
+    assert args.flower_handler(args) == 0
+    for name in ("results.json", "rounds.csv", "clients.csv", "ledger.csv", "comparison.md", "figure.png",
+                 "wire.csv", "flower.json"):
+        assert (out / name).is_file(), name
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["config"]["method"]["name"] == "fedavg" and doc["config"]["train"]["rounds"] == 1
+    assert (tmp_path / "work" / "node0" / "wire.jsonl").is_file()
+    assert "fedavg" in capsys.readouterr().out
+
+
+def test_bad_config_stops_before_anything_starts(tmp_path):
+    args = parser().parse_args(["deploy", "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work"),
+                                *sets(["train.rounds=0"])])
+    with pytest.raises(UserError, match="train.rounds"):
+        args.flower_handler(args)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
