@@ -14,6 +14,7 @@ from fedslip.cli import main
 from fedslip.federation.simulation import Simulation
 from fedslip.methods import METHODS
 
+from test_cli import sets as tiny_sets
 from conftest import head_shapes, layers, tiny_config
 
 
@@ -179,10 +180,7 @@ def test_partial_participation_a_b_sent_once_per_client_and_client_side_view(tin
 
 def test_cli_tiny_run(tmp_path):
     out = tmp_path / "fedsb"
-    sets = ['data.source="synthetic"', "data.synthetic_per_class=40", "partition.n_train=24", "partition.n_test=12",
-            "partition.n_global_test=6", 'model.backbone="tiny-random:bert"', "model.max_length=24",
-            "train.rounds=2", "train.batch_size=8", "method.r_g=2"]
-    rc = main(["run", "--method", "fedsb", "--quiet", "--out", str(out), *[a for s in sets for a in ("--set", s)]])
+    rc = main(["run", "--method", "fedsb", "--quiet", "--out", str(out), *tiny_sets([])])
     assert rc == 0
     doc = json.loads((out / "results.json").read_text())
     assert "fedsb" in doc["methods"]

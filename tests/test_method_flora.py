@@ -12,6 +12,7 @@ from fedslip.federation import simulation
 from fedslip.federation.simulation import Simulation, select_clients
 from fedslip.methods import METHODS
 
+from test_cli import sets as tiny_sets
 from conftest import head_shapes, layers, tiny_config
 
 RANKS = [16, 8, 8, 4]  # the documented default, cycled over client ids
@@ -217,10 +218,7 @@ def test_downlink_grows_with_the_number_of_clients_aggregated(tiny_prep):
 
 def test_cli_tiny_run(tmp_path):
     out = tmp_path / "flora"
-    sets = ['data.source="synthetic"', "data.synthetic_per_class=40", "partition.n_train=24", "partition.n_test=12",
-            "partition.n_global_test=6", 'model.backbone="tiny-random:bert"', "model.max_length=24",
-            "train.rounds=2", "train.batch_size=8", "method.client_ranks=[4, 2]"]
-    rc = main(["run", "--method", "flora", "--quiet", "--out", str(out), *[a for s in sets for a in ("--set", s)]])
+    rc = main(["run", "--method", "flora", "--quiet", "--out", str(out), *tiny_sets(["method.client_ranks=[4, 2]"])])
     assert rc == 0
     doc = json.loads((out / "results.json").read_text())
     assert "flora" in doc["methods"]
