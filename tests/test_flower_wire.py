@@ -56,7 +56,7 @@ def run(tiny_prep, tmp_path_factory):
         server, grid, out = flower_run(tmp, "fedslip", tiny_prep, SECTIONS, run_id=21)
     finally:
         flower_mods.TAPS.remove(t)
-    return {"server": server, "grid": grid, "tap": t, "nodes": [tmp / f"node{k}" for k in range(4)]}
+    return {"server": server, "grid": grid, "tap": t, "out": out, "nodes": [tmp / f"node{k}" for k in range(4)]}
 
 
 def test_no_private_tensor_leaves_a_client_by_name_or_value(run):
@@ -141,3 +141,25 @@ def test_audit_catches_a_private_value_sent_under_a_shared_name(tiny_prep, tmp_p
                   set(server.method.shared_names(server.model)))
     assert leaks and all("carries the value of private 'tensors/" in x for x in leaks)
     assert len(leaks) == 4
+
+
+def test_ledger_wire_bytes_are_the_mods_measurement_of_each_payload(run):
+    """Every ledger entry of a Flower run carries Flower's bytes for that payload: the tensors' raw bytes
+    plus a bounded per-tensor overhead (NumPy header, record and array metadata), never less; results.json
+    and ledger.csv report them."""
+    import csv
+    import json
+
+    from fedslip.federation.ledger import MIB
+
+    server, out = run["server"], run["out"]
+    entries = server.ledger.entries
+    assert entries and all(e.wire_bytes is not None for e in entries)
+    for e in entries:
+        assert e.n_params * 4 < e.wire_bytes < e.n_params * 4 + 1024 * e.n_tensors, e
+    total = sum(e.wire_bytes for e in entries) / MIB
+    final = json.loads((out / "results.json").read_text())["methods"]["fedslip"]["final"]
+    assert final["wire_mib_total"] == pytest.approx(total)
+    assert final["wire_mib_per_round"] == pytest.approx(total / 2)
+    with open(out / "ledger.csv", encoding="utf-8") as f:
+        assert [int(r["wire_bytes"]) for r in csv.DictReader(f)] == [e.wire_bytes for e in entries]

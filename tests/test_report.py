@@ -8,7 +8,7 @@ import pytest
 
 from fedslip.evaluation.figures import build_figure, plot_results
 from fedslip.evaluation.records import ClientRecord, MethodResult, RoundRecord
-from fedslip.evaluation.tables import COLUMNS, comparison_rows, final_table_markdown, to_csv, to_markdown
+from fedslip.evaluation.tables import COLUMNS, OPTIONAL, comparison_rows, final_table_markdown, to_csv, to_markdown
 
 N_CLIENTS = 4
 N_ROUNDS = 4
@@ -87,18 +87,33 @@ def test_markdown_has_one_row_per_method_with_formatted_numbers(results):
     for res, cells in zip(results, body):
         by_col = dict(zip(header, cells))
         for key, title, _ in COLUMNS:
-            value = res.wall_time_s if key == "wall_time_s" else res.final[key]
+            if key in OPTIONAL and not any(key in r.final for r in results):
+                assert title not in header, key  # measured by no run: no column
+                continue
+            value = res.wall_time_s if key == "wall_time_s" else res.final.get(key)
             if value is None:
                 expected = "—"
             elif key in ACC_KEYS:
                 expected = f"{100 * value:.1f}"
-            elif key.startswith("mib"):
+            elif "mib" in key:
                 expected = f"{value:.3f}"
             elif key == "up_params":
                 expected = f"{int(value):,}"
             else:
                 expected = f"{value:.1f}"
             assert by_col[title] == expected, (res.method, key)
+
+
+def test_flower_wire_column_appears_when_a_run_measured_it(results):
+    results[1].final["wire_mib_per_round"] = 1.25
+    try:
+        test_markdown_has_one_row_per_method_with_formatted_numbers(results)
+        body = _md_cells(to_markdown(comparison_rows(results)))
+        header = [c.strip() for c in to_markdown(comparison_rows(results)).splitlines()[0].strip("|").split("|")]
+        col = header.index("Flower MiB/round")
+        assert body[1][col] == "1.250" and body[0][col] == "—"
+    finally:
+        del results[1].final["wire_mib_per_round"]
 
 
 def test_none_shows_as_dash(results):

@@ -35,8 +35,11 @@ def _means(values: list[float | None], weights: list[int]) -> tuple[float | None
     return sum(vs) / len(vs), sum(v * w for v, w in pairs) / total, min(vs)
 
 
-def summarize(result: MethodResult, mib_total: float, up_params: int) -> dict[str, float | None]:
-    """Last-round metrics (never the best round): unweighted mean, test-size-weighted mean, worst client."""
+def summarize(result: MethodResult, mib_total: float, up_params: int,
+              wire_mib_total: float | None = None) -> dict[str, float | None]:
+    """Last-round metrics (never the best round): unweighted mean, test-size-weighted mean, worst client.
+
+    `wire_mib_total`: the payloads' bytes as Flower serialized them (Flower runs only)."""
     last = next(r for r in reversed(result.rounds) if r.evaluated)
     weights = [c.n_test for c in result.clients]
     final: dict[str, float | None] = {"global_acc": last.global_acc}
@@ -47,4 +50,7 @@ def summarize(result: MethodResult, mib_total: float, up_params: int) -> dict[st
     final["mib_per_round"] = mib_total / len(result.rounds)
     final["mib_total"] = mib_total
     final["up_params"] = up_params
+    if wire_mib_total is not None:
+        final["wire_mib_per_round"] = wire_mib_total / len(result.rounds)
+        final["wire_mib_total"] = wire_mib_total
     return final

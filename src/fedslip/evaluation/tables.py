@@ -48,6 +48,7 @@ COLUMNS: list[tuple[str, str, Callable[[float], str]]] = [
     ("kstep_acc_mean", "K-step acc mean (%)", _pct),
     ("mib_per_round", "MiB/round", _mib),
     ("mib_total", "MiB total", _mib),
+    ("wire_mib_per_round", "Flower MiB/round", _mib),
     ("up_params", "Up params/client-round", _count),
     ("wall_time_s", "Wall time (s)", _seconds),
 ]
@@ -67,8 +68,13 @@ FINAL_METRICS: list[tuple[str, str, Callable[[float], str]]] = [
     ("train_loss", "Training loss (last round)", _plain),
     ("mib_per_round", "MiB per round (up + down)", _mib),
     ("mib_total", "MiB total", _mib),
+    ("wire_mib_per_round", "MiB per round as Flower serialized it", _mib),
+    ("wire_mib_total", "MiB total as Flower serialized it", _mib),
     ("up_params", "Uploaded parameters per client-round", _count),
 ]
+
+# Columns that only some runtimes measure: left out of a Markdown table where no row has them.
+OPTIONAL = {"wire_mib_per_round"}
 
 
 def comparison_rows(results: Sequence[MethodResult]) -> list[dict]:
@@ -99,9 +105,10 @@ def _md_table(header: list[str], body: list[list[str]], align: list[str]) -> str
 
 def to_markdown(rows: Sequence[dict]) -> str:
     """GitHub table of `comparison_rows`: accuracies as % with one decimal, MiB with three, — for None."""
-    header = ["Method"] + [title for _, title, _ in COLUMNS]
-    body = [[_md_text(row["method"])] + [_cell(row.get(key), fmt) for key, _, fmt in COLUMNS] for row in rows]
-    return _md_table(header, body, [":---"] + ["---:"] * len(COLUMNS))
+    columns = [c for c in COLUMNS if c[0] not in OPTIONAL or any(row.get(c[0]) is not None for row in rows)]
+    header = ["Method"] + [title for _, title, _ in columns]
+    body = [[_md_text(row["method"])] + [_cell(row.get(key), fmt) for key, _, fmt in columns] for row in rows]
+    return _md_table(header, body, [":---"] + ["---:"] * len(columns))
 
 
 def final_table_markdown(result: MethodResult) -> str:

@@ -54,9 +54,10 @@ from fedslip.evaluation.metrics import group_accuracy, summarize
 from fedslip.evaluation.records import ClientRecord, MethodResult, RoundRecord
 from fedslip.federation.flower_audit import private_fingerprints
 from fedslip.federation.flower_mods import partition_of, wire_mod
-from fedslip.federation.flower_records import (ARRAYS, CONFIG, METRICS, describe_message, load_state_file,
-                                               payload_to_record, record_to_payload, save_state_file,
-                                               state_digest, state_from_context, state_to_context)
+from fedslip.federation.flower_records import (ARRAYS, CONFIG, METRICS, WIRE, describe_message, flower_bytes,
+                                               load_state_file, payload_to_record, record_to_payload,
+                                               save_state_file, state_digest, state_from_context,
+                                               state_to_context)
 from fedslip.federation.flower_strategies import StrategyAggregation, parse_spec, prox_override
 from fedslip.federation.ledger import Ledger
 from fedslip.federation.payload import encode
@@ -333,10 +334,14 @@ class FlowerServer:
         replies = self._exchange(messages, "train", rnd, live)
         ups, losses = [], []
         for cid in live:  # the ledger in the in-process engine's order: down, up per client
-            self.ledger.record(rnd, cid, "down", downs[cid], len(encode(downs[cid])))
+            # wire bytes: the client mod's measurement; for a client that never replied, the same
+            # measurement made here on the message that was sent
+            wire = replies[cid].content[WIRE] if cid in replies else None
+            down_wire = int(wire["down-bytes"]) if wire else flower_bytes(payload_to_record(downs[cid]))
+            self.ledger.record(rnd, cid, "down", downs[cid], len(encode(downs[cid])), down_wire)
             if cid in replies:
                 up = record_to_payload(replies[cid].content[ARRAYS])
-                self.ledger.record(rnd, cid, "up", up, len(encode(up)))
+                self.ledger.record(rnd, cid, "up", up, len(encode(up)), int(wire["up-bytes"]))
                 metrics = replies[cid].content[METRICS]
                 ups.append((up, int(metrics["num-examples"])))
                 losses.append(float(metrics["loss"]))
@@ -398,7 +403,8 @@ class FlowerServer:
                 personal_acc=_finite(last.personal_acc[k]) if last.personal_acc else None,
                 kstep_acc=float(kstep) if kstep is not None else None))
         result.wall_time_s = time.perf_counter() - start
-        result.final = summarize(result, self.ledger.total_mib(), self.ledger.up_params())
+        result.final = summarize(result, self.ledger.total_mib(), self.ledger.up_params(),
+                                 self.ledger.total_wire_mib())
         return result, self.ledger
 
     # --- outputs ------------------------------------------------------------------------------------

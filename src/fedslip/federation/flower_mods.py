@@ -8,6 +8,11 @@ in-process observers registered in `TAPS` (tests use them to inspect every outgo
 
 The digests let a test prove, from the logs alone, that no private tensor ever left a node: a private
 tensor sent under another name still has the same digest.
+
+The mod also reports its measurement to the server: every successful reply gets a `ConfigRecord` "wire"
+with the bytes Flower serialized for the payload that came in ("down-bytes") and the one going out
+("up-bytes"), measured on the payload's `ArrayRecord` (its record, arrays and chunks, deflated). The
+ServerApp writes them into the ledger's `wire_bytes` column.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from fedslip.federation.flower_records import describe_message
+from flwr.app import ConfigRecord
+
+from fedslip.federation.flower_records import ARRAYS, WIRE, describe_message, flower_bytes
 
 log = logging.getLogger("fedslip.flower")
 
@@ -48,9 +55,19 @@ def _log_rows(context, rows: list[dict]) -> None:
                 f.write(json.dumps(row) + "\n")
 
 
+def payload_wire_bytes(msg) -> int:
+    """Bytes Flower serializes for the message's payload `ArrayRecord` (0 when it carries none)."""
+    if not msg.has_content() or ARRAYS not in msg.content.array_records:
+        return 0
+    return flower_bytes(msg.content.array_records[ARRAYS])
+
+
 def wire_mod(msg, context, call_next):
     _log_rows(context, [describe_message(msg, "in")])  # logged before the call: a crash leaves it there
     reply = call_next(msg, context)
+    if reply.has_content():
+        reply.content[WIRE] = ConfigRecord({"down-bytes": payload_wire_bytes(msg),
+                                            "up-bytes": payload_wire_bytes(reply)})
     _log_rows(context, [describe_message(reply, "out")])
     for tap in list(TAPS):
         tap(context, msg, reply)

@@ -6,7 +6,8 @@
   a JSON skeleton for `Context.state`, and into one safetensors file for the node's own disk. Neither is ever
   put into a message.
 * `payload_bytes` is the length of the payload in the project's encoding (safetensors, `payload.encode`): the
-  ledger's definition on every runtime, so a Flower run and an in-process run have the same ledger.
+  ledger's `bytes` on every runtime, so a Flower run and an in-process run have the same ledger. In Flower
+  runs the ledger's `wire_bytes` adds what Flower serialized for the payload's ArrayRecord (client mod).
   `flower_bytes` is what Flower itself serializes for a message's content: the deflated bytes of every
   distinct object of the content tree (records, arrays, array chunks; identical chunks are stored once).
 """
@@ -29,6 +30,9 @@ from fedslip.methods.base import ClientState
 ARRAYS = "arrays"  # the payload's ArrayRecord in a message (Flower strategies' default key)
 METRICS = "metrics"
 CONFIG = "config"
+# The client mod's record in a reply: Flower's bytes of the payload in and out. A ConfigRecord, because
+# Flower's strategies require exactly one MetricRecord per reply.
+WIRE = "wire"
 STATE_TENSORS = "fedslip.state.tensors"  # keys in Context.state
 STATE_META = "fedslip.state.meta"
 

@@ -22,6 +22,9 @@ class Entry:
     n_params: int
     n_tensors: int
     dtypes: str
+    # Bytes Flower serialized for this payload's ArrayRecord, as the client mod measured them (Flower runs
+    # only; None in-process). `bytes` stays the project's encoding on every runtime, so ledgers compare.
+    wire_bytes: int | None = None
 
 
 class Ledger:
@@ -29,10 +32,12 @@ class Ledger:
         self.method = method
         self.entries: list[Entry] = []
 
-    def record(self, rnd: int, client: int, direction: str, payload: Payload, n_bytes: int) -> None:
+    def record(self, rnd: int, client: int, direction: str, payload: Payload, n_bytes: int,
+               wire_bytes: int | None = None) -> None:
         dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in payload.values()})
         self.entries.append(Entry(self.method, rnd, client, direction, n_bytes,
-                                  sum(t.numel() for t in payload.values()), len(payload), "+".join(dtypes)))
+                                  sum(t.numel() for t in payload.values()), len(payload), "+".join(dtypes),
+                                  wire_bytes))
 
     def bytes_by_round(self) -> dict[int, int]:
         out: dict[int, int] = defaultdict(int)
@@ -45,6 +50,12 @@ class Ledger:
 
     def total_mib(self) -> float:
         return sum(e.bytes for e in self.entries) / MIB
+
+    def total_wire_mib(self) -> float | None:
+        """Flower's serialized bytes of every payload, when every entry has them (a Flower run), else None."""
+        if not self.entries or any(e.wire_bytes is None for e in self.entries):
+            return None
+        return sum(e.wire_bytes for e in self.entries) / MIB
 
     def up_params(self) -> int:
         """Parameters one client uploads in one round (the largest upload seen)."""
