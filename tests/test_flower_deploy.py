@@ -50,6 +50,11 @@ def test_tls_deployment_matches_inprocess_and_leaks_nothing(tiny_prep, tmp_path)
         started = lb.all_pids()
     assert info["status"] == "finished:completed", log
     assert not alive(lb.stopped_pids) and not alive(started)
+    commands = (lb.workdir / "commands.sh").read_text().splitlines()  # the steps, to repeat across machines
+    assert [c.split()[0] for c in commands] == ["flower-superlink"] + ["flwr", "flower-supernode"] * 4 + ["flwr"]
+    assert "--ssl-certfile" in commands[0] and "--enable-supernode-auth" in commands[0]
+    assert all(c.startswith("flwr supernode register") for c in commands[1:-1:2])
+    assert commands[-1].startswith("flwr run")
 
     cfg = config_from_run(rc)
     sim = Simulation(dataclasses.replace(tiny_prep, cfg=cfg), METHODS["fedslip"](cfg))

@@ -9,7 +9,6 @@ import torch
 import test_ledger
 from fedslip.federation.simulation import Simulation
 from fedslip.methods import METHODS
-from fedslip.methods.ffa import ALPHA_FACTOR
 
 from conftest import tiny_config
 from test_method_fedsa import run_capturing
@@ -88,8 +87,11 @@ def test_payload_is_b_plus_head(tiny_prep, ffa_run):
     assert result.final["global_acc"] is not None  # one global model: the seeded A, averaged B and head
 
 
-def test_scale_is_ten_times_lora_alpha_over_r(ffa_run):
+def test_scale_is_ten_times_lora_alpha_over_r(ffa_run, tiny_prep):
     sim = ffa_run[0]
     m = sim.cfg.method
-    assert ALPHA_FACTOR == 10
+    assert m.ffa_alpha_factor == 10  # the paper's 10x learning rate, by default
     assert all(layer.scale_g == pytest.approx(10 * m.alpha_g / m.r_g) for layer in sim.model.layers.values())
+    cfg = tiny_config("ffa", method={"ffa_alpha_factor": 1.0})
+    model = METHODS["ffa"](cfg).build(tiny_prep.backbone)
+    assert all(layer.scale_g == pytest.approx(m.alpha_g / m.r_g) for layer in model.layers.values())

@@ -82,16 +82,15 @@ def test_heterogeneous_depths_run_in_one_federation(run):
     calls = []
     handle = blocks(model)[1].register_forward_hook(lambda *a: calls.append(1))
     batch = next(iter(sim.prep.test.eval_batches(sim.prep.split.test[0], 8)))
-    for view in (sim.method.personal_view(model, sim.glob, sim.clients[0]),
-                 sim.method.global_view(model, sim.glob, sim.clients[0])):
-        model.load(view)
-        model.logits(batch.input_ids, batch.attention_mask)
+    model.load(sim.method.personal_view(model, sim.glob, sim.clients[0]))
+    model.logits(batch.input_ids, batch.attention_mask)
     assert not calls
     model.load(sim.method.personal_view(model, sim.glob, sim.clients[1]))
     model.logits(batch.input_ids, batch.attention_mask)
     handle.remove()
     assert calls
     assert all(a is not None for a in result.rounds[-1].personal_acc)
+    assert sim.method.global_view(model, sim.glob, sim.clients[0]) is None and result.final["global_acc"] is None
 
 
 def test_only_the_shared_adapter_is_sent_and_averaged(run, tiny_prep):
@@ -205,3 +204,16 @@ def test_cli_tiny_run(tmp_path):
                  *[a for s in sets for a in ("--set", s)]]) == 0
     doc = json.loads((out / "results.json").read_text())
     assert "pfedlora" in doc["methods"]
+
+
+def test_personal_model_uses_the_adapter_the_client_trained_with(run):
+    """The local model was trained against the client's own adapter (phase 2 follows phase 1), so the
+    personalized model is evaluated with that adapter, the one it uploaded last, not the new average."""
+    sim, _, sent, _, _, _ = run
+    last_ups = sent[-2 * 4 + 1::2]  # the last round's payloads: down, up per client
+    for k, client in enumerate(sim.clients):
+        view = sim.method.personal_view(sim.model, sim.glob, client)
+        assert set(last_ups[k]) == set(sim.model.global_names)
+        for name, t in last_ups[k].items():
+            assert torch.equal(view[name], t), (k, name)
+            assert not torch.equal(view[name], sim.glob[name]), (k, name)

@@ -91,6 +91,7 @@ class MethodConfig:
     client_layers: list[int] | None = None  # pfedlora: backbone depth per client (cycled); None: [3, 4, 6, 6]
     n_adaptors: int = 4  # floral: federated LoRA adaptors per layer mixed by private weights
     vera_rank: int = 256  # fedsa-vera: rank of VeRA's frozen shared random matrices
+    ffa_alpha_factor: float = 10.0  # ffa: α = factor·alpha_g, standing for the paper's 10× learning rate
 
 
 @dataclass
@@ -260,5 +261,6 @@ def validate(cfg: Config) -> None:
          f"method.client_layers = {m.client_layers}: a non-empty list of depths >= 1")
     need(m.n_adaptors >= 1, f"method.n_adaptors = {m.n_adaptors}: must be >= 1")
     need(m.vera_rank >= 1, f"method.vera_rank = {m.vera_rank}: must be >= 1")
+    need(m.ffa_alpha_factor > 0, f"method.ffa_alpha_factor = {m.ffa_alpha_factor}: must be > 0")
     need(m.head in (None, "shared", "local", "frozen"),
          f"method.head = {m.head!r}: expected shared, local or frozen")

@@ -12,6 +12,8 @@ Everything is what one would run across machines, only every address is 127.0.0.
 * The app is submitted with `flwr run <project> <connection> --run-config <file>`, from an isolated
   FLWR_HOME; the ServerApp writes the same output files as `fedslip run` into `out`.
 * `insecure=True` runs the same thing without TLS and without node authentication, for local debugging.
+* Every command started (`flower-superlink`, `flwr supernode register`, `flower-supernode`, `flwr run`) is
+  appended to `<workdir>/commands.sh`: the steps to repeat by hand on separate machines.
 
 Every process started here (and every process they start: SuperExec, ServerApp, ClientApps) is stopped by
 process id when the deployment closes.
@@ -219,7 +221,15 @@ class Loopback:
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         return env
 
+    def _note(self, args: list[str]) -> None:
+        """Append the command to <workdir>/commands.sh: the exact steps to repeat by hand across machines."""
+        import shlex
+
+        with open(self.workdir / "commands.sh", "a", encoding="utf-8") as f:
+            f.write(shlex.join([Path(args[0]).name, *args[1:]]) + "\n")
+
     def _spawn(self, name: str, args: list[str]) -> Proc:
+        self._note(args)
         log = self.workdir / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as f:
@@ -231,6 +241,8 @@ class Loopback:
 
     def _flwr(self, *args: str, timeout: float = 120.0) -> str:
         exe = str(Path(sys.executable).parent / "flwr")
+        if args[0] in ("run", "supernode"):
+            self._note([exe, *args])
         res = subprocess.run([exe, *args], capture_output=True, text=True, env=self.env(), cwd=self.workdir,
                              timeout=timeout)
         if res.returncode != 0:

@@ -20,10 +20,13 @@ from fedslip.methods.base import ClientState
 
 
 def private_fingerprints(state: ClientState) -> dict[str, str]:
-    """digest -> label for every non-constant tensor of a client state (own tensors and optimizer state)."""
+    """digest -> label for every non-constant tensor of a client state (own tensors and optimizer state; not
+    `state.sent`, the client's copy of its own last upload)."""
     tensors, _ = pack_state(state)
     out = {}
     for label, t in tensors.items():
+        if label.startswith("sent/"):
+            continue
         if t.numel() > 1 and not bool((t == t.flatten()[0]).all()):
             out[tensor_digest(t)] = label
     return out

@@ -129,17 +129,20 @@ def _unpack(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def pack_state(state: ClientState) -> tuple[dict[str, torch.Tensor], str]:
-    """All tensors of a client state (own tensors under `tensors/`, optimizer ones under `optim/`) + skeleton."""
+    """All tensors of a client state (own tensors under `tensors/`, the copy of its last upload under `sent/`,
+    optimizer ones under `optim/`) + skeleton."""
     optim_tensors: dict[str, torch.Tensor] = {}
     skeleton = json.dumps(_pack(state.optim, optim_tensors))
     tensors = {f"tensors/{n}": t.detach().clone().contiguous() for n, t in state.tensors.items()}
-    return {**tensors, **optim_tensors}, skeleton
+    sent = {f"sent/{n}": t.detach().clone().contiguous() for n, t in state.sent.items()}
+    return {**tensors, **sent, **optim_tensors}, skeleton
 
 
 def unpack_state(tensors: dict[str, torch.Tensor], skeleton: str) -> ClientState:
     own = {n.removeprefix("tensors/"): t for n, t in tensors.items() if n.startswith("tensors/")}
+    sent = {n.removeprefix("sent/"): t for n, t in tensors.items() if n.startswith("sent/")}
     optim = _unpack(json.loads(skeleton), {n: t for n, t in tensors.items() if n.startswith("optim/")})
-    return ClientState(tensors=own, optim=optim)
+    return ClientState(tensors=own, optim=optim, sent=sent)
 
 
 def state_digest(state: ClientState) -> str:

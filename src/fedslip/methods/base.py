@@ -38,6 +38,9 @@ Payload = dict[str, torch.Tensor]
 class ClientState:
     tensors: Tensors = field(default_factory=dict)  # private adapters, masks, local head
     optim: dict[str, Any] = field(default_factory=dict)  # optimizer states that persist across rounds
+    # The client's copy of what it last uploaded, for methods whose personal model uses it (pfedlora). Public
+    # by construction: it is exactly what was sent, so the wire audit does not count it as private.
+    sent: Tensors = field(default_factory=dict)
 
 
 class ClientData:
