@@ -219,6 +219,9 @@ class Loopback:
         env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
         env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        # every node shares this machine's cores: without a cap, N ClientApps x all-core torch thread pools
+        # oversubscribe the CPU many times over (on 2 cores, a run gets several times slower)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, self.n_nodes))))
         return env
 
     def _note(self, args: list[str]) -> None:
