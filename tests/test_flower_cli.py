@@ -42,3 +42,18 @@ def test_bad_config_stops_before_anything_starts(tmp_path):
     with pytest.raises(UserError, match="train.rounds"):
         args.flower_handler(args)
     assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
+
+
+def test_failed_run_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
+    from fedslip.federation import deploy as deploy_module
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("run 7 ended as finished:failed; see work/run.log\nTraceback (most recent call last): ...")
+
+    monkeypatch.setattr(deploy_module, "deploy", failing)
+    args = parser().parse_args(["deploy", "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work"),
+                                *sets(["train.rounds=1"])])
+    assert args.flower_handler(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "finished:failed" in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "out").exists()

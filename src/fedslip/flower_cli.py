@@ -26,7 +26,8 @@ def add_commands(sub, common) -> None:
     dep.add_argument("--insecure", action="store_true", help="no TLS and no SuperNode authentication (debugging)")
     dep.add_argument("--min-available", type=int, default=0, help="clients that must be online (default: all)")
     dep.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run (default 3600)")
-    dep.add_argument("--workdir", help="folder for certificates, keys, node state and logs (default: a temp folder)")
+    dep.add_argument("--workdir", help="folder for certificates, keys, node state, logs and commands.sh, the "
+                     "commands it ran (default: a temp folder)")
     dep.set_defaults(flower_handler=_deploy)
     fl = sub.add_parser("flower", help="run one method as a Flower app in this process or on Flower's "
                                        "simulation engine")
@@ -74,8 +75,19 @@ def _deploy(args: argparse.Namespace) -> int:
     cfg, rc, out, workdir = _prepare_run(args, "runs/deploy-{method}")
     print(f"deploying {rc['method']}: SuperLink + {cfg.partition.n_clients} SuperNodes on 127.0.0.1 "
           f"({'insecure' if args.insecure else 'TLS, SuperNode authentication'}); workdir {workdir}")
-    deploy(rc, workdir, n_nodes=cfg.partition.n_clients, insecure=args.insecure, timeout=args.timeout)
+    try:
+        deploy(rc, workdir, n_nodes=cfg.partition.n_clients, insecure=args.insecure, timeout=args.timeout)
+    except (RuntimeError, TimeoutError) as e:  # the run failed, not the input: exit 1, logs kept in workdir
+        return _failed(e, workdir)
     return _report(out, workdir, start)
+
+
+def _failed(error: Exception, workdir: Path) -> int:
+    import sys
+
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    print(f"fedslip: the Flower run failed: {first} (processes stopped; logs in {workdir}/)", file=sys.stderr)
+    return 1
 
 
 def _flower(args: argparse.Namespace) -> int:
@@ -92,7 +104,10 @@ def _flower(args: argparse.Namespace) -> int:
         grid = LocalGrid(client_app, nodes, rc, run_id=1, seed=cfg.train.seed)
         server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc))
     else:
-        run_simulation(rc, workdir, n, cpus=args.cpus, timeout=args.timeout)
+        try:
+            run_simulation(rc, workdir, n, cpus=args.cpus, timeout=args.timeout)
+        except (RuntimeError, TimeoutError) as e:
+            return _failed(e, workdir)
     return _report(out, workdir, start)
 
 
