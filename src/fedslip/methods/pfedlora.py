@@ -35,8 +35,7 @@ Per client and round, up = down = r_g·(d_in + d_out) per adapted projection of 
 Evaluation. Personalized: the client's whole model as it left local training (depth L_k, the adapter it
 uploaded, private LoRA, head), the metric the paper reports. Not with the freshly averaged adapter: the local
 model was trained against the client's own adapter and never saw the average (each round begins by adapting
-the average in phase 1); on the quick preset, evaluating with the average dropped one client from 84 % to
-13 % in the last round. Global: none (`global_view` is None, shown as "—"). A model-heterogeneous federation has no
+the average in phase 1). Global: none (`global_view` is None, shown as "—"). A model-heterogeneous federation has no
 single global model, and the adapter alone is not a classifier: each head is trained with its client's
 private LoRA active, so "adapter + head, private LoRA off" is a model nobody trained (measured on the
 quick preset it was at chance, 25 %, on the balanced test set).
