@@ -17,10 +17,10 @@ import torch
 from flower_util import assert_same_state, flower_run, ledger_rows, run_config, snapshot_rounds
 
 from fedslip.errors import UserError
-from fedslip.federation import flower_app
-from fedslip.federation.flower_app import config_from_run
-from fedslip.federation.flower_local import over_the_wire
-from fedslip.federation.flower_records import (load_state_file, payload_to_record, record_to_payload,
+from fedslip.federation.flower import app as flower_app
+from fedslip.federation.flower.app import config_from_run
+from fedslip.federation.flower.local_grid import over_the_wire
+from fedslip.federation.flower.records import (load_state_file, payload_to_record, record_to_payload,
                                                save_state_file, state_digest, unpack_state, pack_state)
 from fedslip.federation.simulation import Simulation
 from fedslip.methods import METHODS
@@ -107,7 +107,7 @@ def test_restarted_node_resumes_private_state_from_disk(pair, tiny_prep, tmp_pat
 def test_payload_travels_as_exactly_its_tensors():
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-    from fedslip.federation.flower_local import ensure_task_identity
+    from fedslip.federation.flower.local_grid import ensure_task_identity
 
     ensure_task_identity()
     g = torch.Generator().manual_seed(3)

@@ -45,7 +45,7 @@ def test_bad_config_stops_before_anything_starts(tmp_path):
 
 
 def test_failed_run_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
-    from fedslip.federation import deploy as deploy_module
+    from fedslip.federation.flower import deploy as deploy_module
 
     def failing(*args, **kwargs):
         raise RuntimeError("run 7 ended as finished:failed; see work/run.log\nTraceback (most recent call last): ...")

@@ -11,9 +11,9 @@ import torch
 
 from flower_util import assert_same_state, ledger_rows, run_config
 
-from fedslip.federation.flower_app import FlowerServer, client_app, config_from_run, runtime_for
-from fedslip.federation.flower_local import LocalGrid
-from fedslip.federation.flower_records import state_from_context
+from fedslip.federation.flower.app import FlowerServer, client_app, config_from_run, runtime_for
+from fedslip.federation.flower.local_grid import LocalGrid
+from fedslip.federation.flower.records import state_from_context
 from fedslip.federation.simulation import Simulation
 from fedslip.methods import METHODS
 

@@ -12,9 +12,9 @@ import torch
 from flower_util import assert_same_state, run_config
 
 from fedslip.errors import UserError
-from fedslip.federation.flower_app import FlowerServer, client_app, config_from_run, runtime_for
-from fedslip.federation.flower_local import LocalGrid
-from fedslip.federation.flower_strategies import StrategyAggregation, parse_spec, with_strategy
+from fedslip.federation.flower.app import FlowerServer, client_app, config_from_run, runtime_for
+from fedslip.federation.flower.local_grid import LocalGrid
+from fedslip.federation.flower.strategies import StrategyAggregation, parse_spec, with_strategy
 from fedslip.federation.simulation import Simulation
 from fedslip.methods import METHODS
 

@@ -13,11 +13,11 @@ import pytest
 
 from flower_util import flower_run, run_config
 
-from fedslip.federation import flower_mods
-from fedslip.federation.flower_app import FlowerServer, client_app, config_from_run, runtime_for
-from fedslip.federation.flower_audit import audit, audit_state_dirs, forbidden_names, private_fingerprints
-from fedslip.federation.flower_local import LocalGrid
-from fedslip.federation.flower_records import describe_message, state_from_context
+from fedslip.federation.flower import mods as flower_mods
+from fedslip.federation.flower.app import FlowerServer, client_app, config_from_run, runtime_for
+from fedslip.federation.flower.audit import audit, audit_state_dirs, forbidden_names, private_fingerprints
+from fedslip.federation.flower.local_grid import LocalGrid
+from fedslip.federation.flower.records import describe_message, state_from_context
 from fedslip.methods.fedslip import FedSLIP
 
 SECTIONS = {"method": {"warmup_rounds": 0, "head": "local"}}  # private track from round 1, local head
@@ -78,7 +78,7 @@ def test_no_private_tensor_leaves_a_client_by_name_or_value(run):
 
 
 def test_mod_sizes_are_the_server_sizes_and_the_ledger_bytes(run):
-    from fedslip.federation.flower_audit import read_jsonl
+    from fedslip.federation.flower.audit import read_jsonl
 
     server = run["server"]
     node_rows = {}

@@ -44,7 +44,7 @@ def add_commands(sub, common) -> None:
 def _prepare_run(args, default_out: str):
     from fedslip.cli import _config, _method_list, _out_dir, _toml_str
     from fedslip.errors import UserError
-    from fedslip.federation.deploy import run_config_for
+    from fedslip.federation.flower.deploy import run_config_for
 
     try:
         import flwr  # noqa: F401
@@ -69,7 +69,7 @@ def _report(out: Path, workdir: Path, start: float) -> int:
 
 
 def _deploy(args: argparse.Namespace) -> int:
-    from fedslip.federation.deploy import deploy
+    from fedslip.federation.flower.deploy import deploy
 
     start = time.perf_counter()
     cfg, rc, out, workdir = _prepare_run(args, "runs/deploy-{method}")
@@ -97,8 +97,8 @@ def _flower(args: argparse.Namespace) -> int:
     if args.runtime == "local":
         from flwr.app import Context, RecordDict
 
-        from fedslip.federation.flower_app import client_app, server_app
-        from fedslip.federation.flower_local import LocalGrid
+        from fedslip.federation.flower.app import client_app, server_app
+        from fedslip.federation.flower.local_grid import LocalGrid
 
         nodes = [{"partition-id": k, "num-partitions": n, "state-dir": str(workdir / f"node{k}")} for k in range(n)]
         grid = LocalGrid(client_app, nodes, rc, run_id=1, seed=cfg.train.seed)
@@ -113,7 +113,7 @@ def _flower(args: argparse.Namespace) -> int:
 
 def run_simulation(rc: dict, workdir: Path, n_nodes: int, cpus: int = 2, timeout: float = 3600.0) -> dict:
     """`flwr run` on Flower's simulation engine (Ray), behind a SuperLink started (and stopped) for this run."""
-    from fedslip.federation.deploy import Loopback
+    from fedslip.federation.flower.deploy import Loopback
 
     federation = {"num-supernodes": n_nodes, "client-resources-num-cpus": 1, "client-resources-num-gpus": 0.0,
                   "init-args-num-cpus": cpus, "init-args-num-gpus": 0}

@@ -123,7 +123,7 @@ def run_local(run_config: dict, n_nodes: int, state_root=None, run_id: int = 1):
     """Run the FedSLIP ServerApp against `n_nodes` in-process nodes; return (server, grid)."""
     from pathlib import Path
 
-    from fedslip.federation.flower_app import FlowerServer, client_app, config_from_run
+    from fedslip.federation.flower.app import FlowerServer, client_app, config_from_run
 
     cfg = config_from_run(run_config)
     nodes = [{"partition-id": k, "num-partitions": n_nodes,

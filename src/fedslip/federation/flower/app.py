@@ -1,8 +1,8 @@
 """FedSLIP as a Flower app: a ServerApp and a ClientApp around the `Method` objects of the in-process engine.
 
     [tool.flwr.app.components]
-    serverapp = "fedslip.federation.flower_app:server_app"
-    clientapp = "fedslip.federation.flower_app:client_app"
+    serverapp = "fedslip.federation.flower.app:server_app"
+    clientapp = "fedslip.federation.flower.app:client_app"
 
 Run configuration (`[tool.flwr.app.config]`, overridable with `flwr run . --run-config 'key=value ...'`):
 
@@ -29,7 +29,7 @@ Client-private state (`ClientState`: private track, masks, local head, optimizer
 .safetensors` after every round, so a restarted SuperNode resumes with its private track. It is never put in
 a message. `<state-dir>/events.jsonl` (saves, resumes, with value digests of the private tensors) and
 `<state-dir>/wire.jsonl` (the client mod's log of every message) stay on the node too; the audit in
-`flower_audit` reads them. Seeds are those of the in-process engine, so the same config gives the same
+`audit` reads them. Seeds are those of the in-process engine, so the same config gives the same
 numbers. Server-side aggregation: the method's own, or a Flower strategy (`method.strategy`).
 
 Data: every node (and the server, for the client table and the backbone) runs `prepare(cfg)` itself, which
@@ -52,13 +52,13 @@ from fedslip.config import Config, load_config
 from fedslip.errors import UserError
 from fedslip.evaluation.metrics import group_accuracy, summarize
 from fedslip.evaluation.records import ClientRecord, MethodResult, RoundRecord
-from fedslip.federation.flower_audit import private_fingerprints
-from fedslip.federation.flower_mods import partition_of, wire_mod
-from fedslip.federation.flower_records import (ARRAYS, CONFIG, METRICS, WIRE, describe_message, flower_bytes,
+from fedslip.federation.flower.audit import private_fingerprints
+from fedslip.federation.flower.mods import partition_of, wire_mod
+from fedslip.federation.flower.records import (ARRAYS, CONFIG, METRICS, WIRE, describe_message, flower_bytes,
                                                load_state_file, payload_to_record, record_to_payload,
                                                save_state_file, state_digest, state_from_context,
                                                state_to_context)
-from fedslip.federation.flower_strategies import StrategyAggregation, parse_spec, prox_override
+from fedslip.federation.flower.strategies import StrategyAggregation, parse_spec, prox_override
 from fedslip.federation.ledger import Ledger
 from fedslip.federation.payload import encode
 from fedslip.federation.simulation import select_clients

@@ -30,7 +30,7 @@ import torch
 
 from fedslip.errors import UserError
 from fedslip.federation.payload import Payload
-from fedslip.federation.flower_records import ARRAYS, CONFIG, METRICS, payload_to_record, record_to_payload
+from fedslip.federation.flower.records import ARRAYS, CONFIG, METRICS, payload_to_record, record_to_payload
 
 STRATEGIES = {
     "fedavg": "FedAvg", "fedprox": "FedProx", "fedadam": "FedAdam", "fedavgm": "FedAvgM",
@@ -103,7 +103,7 @@ class StrategyAggregation:
         """Tell the strategy what is sent this round; return the config it adds to train messages."""
         from flwr.app import ConfigRecord
 
-        from fedslip.federation.flower_local import ensure_task_identity
+        from fedslip.federation.flower.local_grid import ensure_task_identity
 
         ensure_task_identity()
         if self.configured_round == rnd:
@@ -140,7 +140,7 @@ def replies_for(ups: list[tuple[Payload, int]], rnd: int) -> list:
     """Flower reply messages carrying the uploads, as a ServerApp receives them."""
     from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-    from fedslip.federation.flower_local import ensure_task_identity
+    from fedslip.federation.flower.local_grid import ensure_task_identity
 
     ensure_task_identity()
     out = []

@@ -1,6 +1,6 @@
 """Prove from what crossed the wire that no private tensor left a client: by name and by value.
 
-Inputs are the rows `flower_mods.wire_mod` logs for every message (array names and value digests) and the
+Inputs are the rows `mods.wire_mod` logs for every message (array names and value digests) and the
 fingerprints of every private state a node held (`private_fingerprints`, logged with each save in the
 node's `events.jsonl`). A leak is an outgoing array whose name is a private name or is not a shared name,
 or whose value equals (same dtype, shape and bytes) any private tensor a node ever held, whatever its name.
@@ -15,7 +15,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from fedslip.federation.flower_records import pack_state, tensor_digest
+from fedslip.federation.flower.records import pack_state, tensor_digest
 from fedslip.methods.base import ClientState
 
 

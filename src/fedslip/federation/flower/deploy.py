@@ -37,7 +37,7 @@ from typing import Any
 
 from fedslip.errors import UserError
 
-PROJECT_ROOT = Path(__file__).resolve().parents[3]  # the folder with pyproject.toml ([tool.flwr.app])
+PROJECT_ROOT = Path(__file__).resolve().parents[4]  # the folder with pyproject.toml ([tool.flwr.app])
 
 
 def free_port() -> int:

@@ -1,7 +1,7 @@
 """Client mod: measure every message a FedSLIP ClientApp receives and sends, as Flower serialized it.
 
 `wire_mod` wraps every ClientApp call (train, evaluate, query). For the incoming message and for the reply
-it logs one row (see `flower_records.describe_message`): kind, round, the payload bytes in the project's
+it logs one row (see `records.describe_message`): kind, round, the payload bytes in the project's
 encoding, the bytes of Flower's own serialized content, and every array's name and value digest. The
 rows go to `<state-dir>/wire.jsonl` when the node has a `state-dir` in its node config, and to any
 in-process observers registered in `TAPS` (tests use them to inspect every outgoing message).
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord
 
-from fedslip.federation.flower_records import ARRAYS, WIRE, describe_message, flower_bytes
+from fedslip.federation.flower.records import ARRAYS, WIRE, describe_message, flower_bytes
 
 log = logging.getLogger("fedslip.flower")
 

@@ -1,0 +1,1 @@
+"""The Flower transport: ServerApp/ClientApp over the shared round protocol."""
