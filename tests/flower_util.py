@@ -68,7 +68,9 @@ def flower_run(tmp, method, prep, sections, before_round=None, run_id=11, n_node
     """Run the registered ServerApp over 4 in-process nodes with state folders; return (server, grid, out)."""
     from flwr.app import Context, RecordDict
 
-    from fedslip.federation.flower.app import FlowerServer, client_app, config_from_run, runtime_for, server_app
+    from fedslip.federation.flower.app import client_app, server_app
+    from fedslip.federation.flower.runtime import config_from_run, runtime_for
+    from fedslip.federation.flower.server import FlowerServer
     from fedslip.federation.flower.local_grid import LocalGrid
 
     out = tmp / "out"

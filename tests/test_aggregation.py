@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedslip.federation.simulation import Simulation
+from fedslip.federation.inprocess import Simulation
 from fedslip.methods import METHODS
 from fedslip.methods.base import weighted_mean
 
@@ -28,9 +28,9 @@ def test_round_aggregate_is_weighted_mean_of_uploads(tiny_prep, monkeypatch):
     seen = {}
     real = method.aggregate
 
-    def spy(ups, glob, rnd):
+    def spy(ups, glob, rnd, participants):
         seen["ups"] = [({k: v.clone() for k, v in p.items()}, n) for p, n in ups]
-        return real(ups, glob, rnd)
+        return real(ups, glob, rnd, participants)
 
     monkeypatch.setattr(method, "aggregate", spy)
     sim.run_round(1)

@@ -151,7 +151,7 @@ def test_csv_label_out_of_range(tmp_path):
 
 def test_csv_missing_label_names_row(tmp_path):
     f = write_csv(tmp_path / "a.csv", ["text", "label"], [["a", 0], ["b", ""], ["c", 1]])
-    with pytest.raises(UserError, match="row 2: missing 'label'"):
+    with pytest.raises(UserError, match="a.csv: line 3: missing 'label'"):  # the header is line 1
         load_data(DataConfig(source="csv", train_file=f))
 
 
@@ -193,7 +193,7 @@ def test_jsonl(tmp_path):
     columns_ok(data.test)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "a", "label": 0}) + "\n" + json.dumps({"text": "b"}) + "\n")
-    with pytest.raises(UserError, match="row 2: missing 'label'"):
+    with pytest.raises(UserError, match="bad.jsonl: line 2: missing 'label'"):
         load_data(DataConfig(source="jsonl", train_file=str(bad)))
 
 
@@ -261,3 +261,173 @@ def test_ag_news_from_fake_hub(monkeypatch):
     fake_hub(monkeypatch, datasets.DatasetDict({"train": bad, "test": bad}))
     with pytest.raises(UserError, match="label 7 outside 0..3"):
         load_data(DataConfig(source="ag_news"))
+
+
+# ---------------------------------------------------------------- broken files: one clear line each
+
+
+def warnings_of(capsys) -> list[str]:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.splitlines()
+
+
+@pytest.mark.parametrize("source", ["csv", "jsonl", "ag_news"])
+def test_not_utf8_names_file_and_line(tmp_path, source):
+    """A latin-1 file (as spreadsheets save it) is one error at the line of the first bad byte (é, line 4)."""
+    rows = [("hello", 0), ("world", 1), ("café au lait", 0), ("bye", 1)]
+    if source == "csv":
+        body = "text,label\n" + "".join(f"{t},{y}\n" for t, y in rows)
+    elif source == "jsonl":
+        body = "\n" + "".join(f'{{"text": "{t}", "label": {y}}}\n' for t, y in rows)  # blank line 1
+    else:
+        body = "label,title,description\n" + "".join(f"{y},{t},d\n" for t, y in rows)
+    name = "train.csv" if source == "ag_news" else f"data.{source}"
+    (tmp_path / name).write_bytes(body.encode("latin-1"))
+    (tmp_path / "test.csv").write_text("label,title,description\n0,a,b\n")
+    cfg = (DataConfig(source="ag_news", data_dir=str(tmp_path)) if source == "ag_news"
+           else DataConfig(source=source, train_file=str(tmp_path / name)))
+    with pytest.raises(UserError) as info:
+        load_data(cfg)
+    msg = str(info.value)
+    assert f"{name}: line 4: byte 0xe9 is not UTF-8" in msg and "re-save the file as UTF-8" in msg
+    assert "\n" not in msg
+
+
+def test_utf16_file_says_so(tmp_path):
+    f = tmp_path / "a.csv"
+    f.write_text("text,label\nhi,0\nyo,1\n", encoding="utf-16")
+    with pytest.raises(UserError, match=r"a.csv: line 1: .*looks like UTF-16"):
+        load_data(DataConfig(source="csv", train_file=str(f)))
+
+
+# a quoted text with a comma and two line breaks: rows after it start two physical lines later
+MULTILINE = '"Cup final, replayed","The ""big"" match\nends\n2-1.",Sports\n'
+
+
+@pytest.mark.parametrize("row,fields", [("Sports\n", 1), ("Oil falls,Prices drop.,Business,extra\n", 4),
+                                        ("Oil falls,Prices, drop.,Business\n", 4), ('Oil falls,"Prices\ndrop."\n', 2)])
+def test_csv_row_with_wrong_field_count(tmp_path, row, fields):
+    """Too few fields used to make a class named after the only value; too many silently cut the text."""
+    f = tmp_path / "news.csv"
+    f.write_text("title,body,topic\nTalks resume,Leaders meet.,World\n" + MULTILINE + row + "a,b,World\n")
+    with pytest.raises(UserError) as info:  # header 1, row 2, multi-line row 3-5: the bad row is line 6
+        load_data(DataConfig(source="csv", train_file=str(f), text_columns=["title", "body"], label_column="topic"))
+    assert f"news.csv: line 6: row has {fields} field{'s' if fields > 1 else ''}, expected 3 (title,body,topic)" \
+        in str(info.value)
+
+
+def test_csv_extra_empty_fields_and_blank_rows_are_fine(tmp_path, capsys):
+    """Spreadsheet exports add trailing commas and all-empty rows; nothing is lost by ignoring them."""
+    f = tmp_path / "a.csv"
+    f.write_text("text,label\na,0,,\n,,\n\nb,1,\nc,0\nd,1\n")
+    data = load_data(DataConfig(source="csv", train_file=str(f), test_file=str(f)))
+    assert data.train["text"][:] == ["a", "b", "c", "d"] and data.train["label"][:] == [0, 1, 0, 1]
+    assert warnings_of(capsys) == []
+
+
+def test_realistic_csv_loads(tmp_path, capsys):
+    """A well-formed third-party CSV: UTF-8 BOM, CRLF, quoted commas and quotes, line breaks inside a text,
+    non-ASCII text, string labels. Everything loads as written, with no warning."""
+    rows = [["Talks resume", "Leaders meet, again.", "World"],
+            ["Cup final", 'The "big" match\r\nends 2-1.', "Sports"],
+            ["Café opens", "Crème brûlée, ¥100 — 寿司", "Business"],
+            ["New chip", "Faster,\nsmaller.", "Sci/Tech"]]
+    f = tmp_path / "news.csv"
+    with open(f, "w", newline="", encoding="utf-8-sig") as fh:
+        w = csv.writer(fh)  # writes \r\n line ends
+        w.writerow(["title", "body", "topic"])
+        w.writerows(rows)
+    data = load_data(DataConfig(source="csv", train_file=str(f), test_file=str(f),
+                                text_columns=["title", "body"], label_column="topic"))
+    assert data.train["text"][:] == [f"{a} {b}" for a, b, _ in rows]
+    assert data.label_names == ["Business", "Sci/Tech", "Sports", "World"]
+    assert data.train["label"][:] == [3, 2, 0, 1]
+    assert warnings_of(capsys) == []
+
+
+def test_class_only_in_test_file_warns(tmp_path, capsys):
+    train = write_csv(tmp_path / "train.csv", ["text", "label"],
+                      [["a", "sports"], ["b", "world"], ["c", "sports"], ["d", "world"]])
+    with open(tmp_path / "test.csv", "w", newline="", encoding="utf-8") as fh:
+        fh.write('text,label\n"two\nlines",sports\nstorm,weather\nrain,weather\nx,world\n')
+    data = load_data(DataConfig(source="csv", train_file=train, test_file=str(tmp_path / "test.csv")))
+    assert data.label_names == ["sports", "weather", "world"]  # the run goes on with 3 classes
+    assert data.test["label"][:] == [0, 1, 1, 2]
+    lines = warnings_of(capsys)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("fedslip: warning: ") and "test.csv: line 4: class 'weather' never appears in" in lines[0]
+    assert "train.csv" in lines[0] and "capped at 2/3" in lines[0]
+
+
+def test_integer_class_only_in_test_file_warns(tmp_path, capsys):
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(json.dumps({"text": f"t{i}", "label": i % 2}) for i in range(4)) + "\n")
+    test = tmp_path / "test.jsonl"
+    test.write_text("\n".join(json.dumps({"text": f"q{i}", "label": y}) for i, y in enumerate([0, 1, 3, 2])) + "\n")
+    data = load_data(DataConfig(source="jsonl", train_file=str(train), test_file=str(test)))
+    assert data.num_classes == 4
+    (line,) = warnings_of(capsys)
+    assert "test.jsonl: line 3: classes '3', '2' never appear in" in line and "capped at 2/4" in line
+
+
+def test_same_classes_no_warning(tmp_path, capsys):
+    f = write_csv(tmp_path / "a.csv", ["text", "label"], [["a", "x"], ["b", "y"]])
+    g = write_csv(tmp_path / "b.csv", ["text", "label"], [["c", "y"]])  # a class missing from test is fine here
+    load_data(DataConfig(source="csv", train_file=f, test_file=g))
+    assert warnings_of(capsys) == []
+
+
+def test_empty_texts_dropped_with_one_warning(tmp_path, capsys):
+    f = tmp_path / "data.csv"
+    f.write_text('title,body,label\nT1,B1,0\n"multi\nline",x,1\n,,1\n  ," ",0\nT2,,1\n,B3,0\n, \t,1\nT4,B4,0\n')
+    data = load_data(DataConfig(source="csv", train_file=str(f), test_file=str(f),
+                                text_columns=["title", "body"]))
+    assert data.train["text"][:] == ["T1 B1", "multi\nline x", "T2 ", " B3", "T4 B4"]
+    assert data.train["label"][:] == [0, 1, 1, 0, 0]
+    lines = warnings_of(capsys)  # train and test file: the same line twice, once each
+    assert lines == ["fedslip: warning: " + str(f) + ": 3 rows with empty text dropped (first at line 5)"] * 2
+
+
+def test_empty_texts_jsonl_and_all_empty(tmp_path, capsys):
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in [{"text": "a", "label": 0}, {"text": None, "label": 1},
+                                                    {"text": "b", "label": 1}, {"text": "c", "label": 0}]) + "\n")
+    data = load_data(DataConfig(source="jsonl", train_file=str(f), test_file=str(f)))
+    assert data.train["text"][:] == ["a", "b", "c"]
+    assert warnings_of(capsys)[0].endswith("d.jsonl: 1 row with empty text dropped (first at line 2)")
+    g = write_csv(tmp_path / "g.csv", ["text", "label"], [["", 0], [" ", 1]])
+    with pytest.raises(UserError, match="g.csv: every row has empty text"):
+        load_data(DataConfig(source="csv", train_file=g))
+
+
+def test_cli_broken_csv_is_one_line(tmp_path, capsys):
+    """Through the command line: exit 2, one `fedslip: error:` line, no traceback, nothing written."""
+    from fedslip.cli import main
+
+    f = tmp_path.parent / f"{tmp_path.name}-data.csv"
+    f.write_bytes("text,label\nhello,a\nworld,b\ncafé,a\n".encode("latin-1"))
+    argv = ["run", "--quiet", "--out", str(tmp_path / "out")]
+    for s in ["model.backbone=\"tiny-random:bert\"", "data.source=\"csv\"", f"data.train_file=\"{f}\""]:
+        argv += ["--set", s]
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err == f"fedslip: error: {f}: line 4: byte 0xe9 is not UTF-8; re-save the file as UTF-8"
+    assert not list(tmp_path.iterdir())
+
+
+def test_jsonl_line_without_a_column(tmp_path):
+    """Only the first line used to be checked for columns: a later line without "text" trained on ""."""
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"text": "a", "label": 0}) + "\n\n" + json.dumps({"label": 1}) + "\n")
+    with pytest.raises(UserError, match=r"d.jsonl: line 3: missing 'text' \(keys: label\)"):
+        load_data(DataConfig(source="jsonl", train_file=str(f)))
+
+
+def test_ag_news_empty_text_dropped(tmp_path, capsys):
+    write_ag(tmp_path, AG_ROWS[:2] + [(2, " ", "")] + AG_ROWS[2:])
+    data = load_data(DataConfig(source="ag_news", data_dir=str(tmp_path)))
+    assert data.train["text"][:] == [f"{t} {d}" for _, t, d in AG_ROWS]
+    lines = warnings_of(capsys)  # the second row spans lines 3-4, so the empty one is line 5
+    assert len(lines) == 2 and lines[0].endswith("train.csv: 1 row with empty text dropped (first at line 5)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fedslip.federation.simulation import Simulation
+from fedslip.federation.inprocess import Simulation
 from fedslip.methods import METHODS
 from fedslip.prepare import prepare
 

@@ -17,12 +17,12 @@ import torch
 from flower_util import assert_same_state, flower_run, ledger_rows, run_config, snapshot_rounds
 
 from fedslip.errors import UserError
-from fedslip.federation.flower import app as flower_app
-from fedslip.federation.flower.app import config_from_run
+from fedslip.federation.flower import runtime as flower_runtime
+from fedslip.federation.flower.runtime import config_from_run
 from fedslip.federation.flower.local_grid import over_the_wire
-from fedslip.federation.flower.records import (load_state_file, payload_to_record, record_to_payload,
-                                               save_state_file, state_digest, unpack_state, pack_state)
-from fedslip.federation.simulation import Simulation
+from fedslip.federation.client_state import load_state_file, pack_state, save_state_file, state_digest, unpack_state
+from fedslip.federation.flower.records import payload_to_record, record_to_payload
+from fedslip.federation.inprocess import Simulation
 from fedslip.methods import METHODS
 from fedslip.methods.base import ClientState
 from fedslip.seeding import torch_gen
@@ -153,4 +153,4 @@ def test_run_config_builds_the_fedslip_config():
         config_from_run({"method": "fedslip", "overrides": "train.nope=1"})
     with pytest.raises(UserError):
         config_from_run({"method": "no-such-method"})
-    assert flower_app.split_overrides("a.b=1; c.d='x'\ne.f=2") == ["a.b=1", "c.d='x'", "e.f=2"]
+    assert flower_runtime.split_overrides("a.b=1; c.d='x'\ne.f=2") == ["a.b=1", "c.d='x'", "e.f=2"]

@@ -8,7 +8,7 @@ import pytest
 
 import flower_util  # noqa: F401  (skips without Flower)
 
-from fedslip import cli
+from fedslip import cli_common
 from fedslip.errors import UserError
 from fedslip.flower_cli import add_commands
 
@@ -16,9 +16,9 @@ from test_cli import sets
 
 
 def parser():
-    p = cli._Parser(prog="fedslip")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=cli._Parser)
-    add_commands(sub, cli._common)
+    p = cli_common.Parser(prog="fedslip")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=cli_common.Parser)
+    add_commands(sub, cli_common.add_common)
     return p
 
 

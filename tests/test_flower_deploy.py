@@ -22,11 +22,12 @@ import torch
 
 from flower_util import run_config
 
-from fedslip.federation.flower.deploy import Loopback, alive, collect_node_logs
-from fedslip.federation.flower.app import config_from_run
+from fedslip.federation.flower.deploy import collect_node_logs
+from fedslip.federation.flower.loopback import Loopback, alive
+from fedslip.federation.flower.runtime import config_from_run
 from fedslip.federation.flower.audit import audit_state_dirs, forbidden_names, read_jsonl
-from fedslip.federation.flower.records import load_state_file
-from fedslip.federation.simulation import Simulation
+from fedslip.federation.client_state import load_state_file
+from fedslip.federation.inprocess import Simulation
 from fedslip.methods import METHODS
 
 pytestmark = pytest.mark.slow

@@ -11,10 +11,12 @@ import torch
 
 from flower_util import assert_same_state, ledger_rows, run_config
 
-from fedslip.federation.flower.app import FlowerServer, client_app, config_from_run, runtime_for
+from fedslip.federation.flower.app import client_app
+from fedslip.federation.flower.runtime import config_from_run, runtime_for
+from fedslip.federation.flower.server import FlowerServer
 from fedslip.federation.flower.local_grid import LocalGrid
 from fedslip.federation.flower.records import state_from_context
-from fedslip.federation.simulation import Simulation
+from fedslip.federation.inprocess import Simulation
 from fedslip.methods import METHODS
 
 from conftest import tiny_config

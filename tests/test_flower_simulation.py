@@ -11,9 +11,9 @@ import pytest
 
 from flower_util import run_config
 
-from fedslip.federation import deploy
-from fedslip.federation.flower.app import config_from_run
-from fedslip.federation.simulation import Simulation
+from fedslip.federation.flower import deploy
+from fedslip.federation.flower.runtime import config_from_run
+from fedslip.federation.inprocess import Simulation
 from fedslip.flower_cli import run_simulation
 from fedslip.methods import METHODS
 

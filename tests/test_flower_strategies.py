@@ -12,10 +12,12 @@ import torch
 from flower_util import assert_same_state, run_config
 
 from fedslip.errors import UserError
-from fedslip.federation.flower.app import FlowerServer, client_app, config_from_run, runtime_for
+from fedslip.federation.flower.app import client_app
+from fedslip.federation.flower.runtime import config_from_run, runtime_for
+from fedslip.federation.flower.server import FlowerServer
 from fedslip.federation.flower.local_grid import LocalGrid
-from fedslip.federation.flower.strategies import StrategyAggregation, parse_spec, with_strategy
-from fedslip.federation.simulation import Simulation
+from fedslip.federation.flower.strategies import StrategyAggregation, parse_spec
+from fedslip.federation.inprocess import Simulation
 from fedslip.methods import METHODS
 
 from conftest import tiny_config
@@ -141,18 +143,17 @@ def test_flower_fedprox_strategy_equals_inprocess_fedavg_with_mu(tiny_prep):
     assert any(not torch.allclose(plain.glob[k], sim.glob[k], atol=1e-7) for k in sim.glob)  # μ did matter
 
 
-def test_with_strategy_routes_the_inprocess_engine_too(tiny_prep):
+def test_the_inprocess_engine_aggregates_with_the_strategy_too(tiny_prep):
     cfg = tiny_config("fedavg", method={"strategy": "fedmedian"})
-    method = with_strategy(METHODS["fedavg"](cfg))
+    sim = Simulation(tiny_prep, METHODS["fedavg"](cfg))
     seen = []
-    real = method.strategy_aggregation.aggregate
+    real = sim.aggregation.aggregate
 
     def spy(ups, glob, rnd, sent=None):
         seen.append([{k: v.clone() for k, v in p.items()} for p, _ in ups])
         return real(ups, glob, rnd, sent)
 
-    method.strategy_aggregation.aggregate = spy
-    sim = Simulation(tiny_prep, method)
+    sim.aggregation.aggregate = spy
     sim.run_round(1)
     ups = seen[0]
     for k, t in sim.glob.items():  # 4 uploads: the median is the mean of the middle two

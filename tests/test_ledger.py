@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from fedslip.federation.simulation import Simulation
+from fedslip.federation.inprocess import Simulation
 from fedslip.methods import METHODS
 
 from conftest import tiny_config
@@ -47,8 +47,8 @@ def test_ledger_bytes_and_params_match_independent_prediction(tiny_prep):
     per_payload = predicted_safetensors_bytes(shapes)
     n_params = sum(a * b if len(s) == 2 else a for s in shapes.values() for a, *rest in [s] for b in (rest or [1]))
     n_clients = len(tiny_prep.split.train)
-    assert len(ledger.entries) == 2 * n_clients * cfg.train.rounds
-    for e in ledger.entries:
+    assert len(ledger.rows()) == 2 * n_clients * cfg.train.rounds
+    for e in ledger.rows():
         assert e.bytes == per_payload
         assert e.n_params == n_params
         assert e.dtypes == "float32"
@@ -65,7 +65,7 @@ def test_frozen_head_sends_lora_only_and_local_sends_nothing(tiny_prep):
     net_cfg = tiny_prep.backbone.model.config
     shapes = expected_shapes(cfg, net_cfg.hidden_size, net_cfg.num_hidden_layers, tiny_prep.data.num_classes)
     lora_only = {k: v for k, v in shapes.items() if not k.startswith("classifier")}
-    assert {e.bytes for e in ledger.entries} == {predicted_safetensors_bytes(lora_only)}
+    assert {e.bytes for e in ledger.rows()} == {predicted_safetensors_bytes(lora_only)}
 
     cfg = tiny_config("local")
     result, ledger = Simulation(tiny_prep, METHODS["local"](cfg)).run()

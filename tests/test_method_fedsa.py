@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import test_ledger
-from fedslip.federation import simulation
-from fedslip.federation.simulation import Simulation
+from fedslip.federation import inprocess as simulation
+from fedslip.federation.inprocess import Simulation
 from fedslip.methods import METHODS
 
 from conftest import tiny_config
@@ -37,8 +37,8 @@ def run_capturing(prep, method_name: str, **sections):
         sim = Simulation(prep, METHODS[method_name](tiny_config(method_name, **sections)))
         real_aggregate = sim.method.aggregate
 
-        def aggregate(ups, glob, rnd):
-            out = real_aggregate(ups, glob, rnd)
+        def aggregate(ups, glob, rnd, participants):
+            out = real_aggregate(ups, glob, rnd, participants)
             aggregations.append(([({k: v.clone() for k, v in p.items()}, n) for p, n in ups],
                                  {k: v.clone() for k, v in out.items()}))
             return out
@@ -117,7 +117,7 @@ def test_each_client_resumes_from_its_own_b(tiny_prep, fedsa_run):
 def test_aggregate_weights_by_example_count():
     method = METHODS["fedsa"](tiny_config("fedsa"))
     a1, a2 = torch.randn(2, 5), torch.randn(2, 5)
-    out = method.aggregate([({"l.g_A": a1}, 1), ({"l.g_A": a2}, 3)], {}, 1)
+    out = method.aggregate([({"l.g_A": a1}, 1), ({"l.g_A": a2}, 3)], {}, 1, [0, 1])
     torch.testing.assert_close(out["l.g_A"], (a1 + 3 * a2) / 4)
 
 
@@ -128,8 +128,8 @@ def test_payload_is_sum_of_r_times_d_in_over_adapted_layers(tiny_prep, fedsa_run
     n_params = sum(r * d_in for r, d_in in shapes.values())
     hidden = tiny_prep.backbone.model.config.hidden_size
     assert n_params == len(shapes) * cfg.method.r_g * hidden
-    assert len(ledger.entries) == 2 * len(tiny_prep.split.train) * cfg.train.rounds
-    for e in ledger.entries:
+    assert len(ledger.rows()) == 2 * len(tiny_prep.split.train) * cfg.train.rounds
+    for e in ledger.rows():
         assert e.n_params == n_params
         assert e.bytes == test_ledger.predicted_safetensors_bytes(shapes)
     # no global model exists (every B is personal): personalised accuracy only

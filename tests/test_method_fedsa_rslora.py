@@ -41,8 +41,8 @@ def test_only_a_travels_and_payload_is_r_times_d_in(tiny_prep, rslora_run):
     shapes = bert_lora_a_shapes(tiny_prep, 4)
     assert sent and all(set(p) == set(shapes) for p in sent)
     n_params = sum(r * d_in for r, d_in in shapes.values())
-    assert len(sim.ledger.entries) == 2 * len(tiny_prep.split.train) * sim.cfg.train.rounds
-    for e in sim.ledger.entries:
+    assert len(sim.ledger.rows()) == 2 * len(tiny_prep.split.train) * sim.cfg.train.rounds
+    for e in sim.ledger.rows():
         assert e.n_params == n_params and e.bytes == test_ledger.predicted_safetensors_bytes(shapes)
     bs = [t for c in sim.clients for n, t in c.tensors.items() if n.endswith(".g_B")]
     assert bs and all(t.abs().sum() > 0 for t in bs)  # B trained, on the clients only
@@ -52,5 +52,5 @@ def test_only_a_travels_and_payload_is_r_times_d_in(tiny_prep, rslora_run):
 def test_aggregated_a_is_the_example_weighted_mean():
     method = METHODS["fedsa-rslora"](tiny_config("fedsa-rslora"))
     a1, a2 = torch.randn(2, 5), torch.randn(2, 5)
-    out = method.aggregate([({"l.g_A": a1}, 2), ({"l.g_A": a2}, 6)], {}, 1)
+    out = method.aggregate([({"l.g_A": a1}, 2), ({"l.g_A": a2}, 6)], {}, 1, [0, 1])
     torch.testing.assert_close(out["l.g_A"], (2 * a1 + 6 * a2) / 8)

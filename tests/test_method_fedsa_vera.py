@@ -71,10 +71,10 @@ def test_only_d_is_sent_and_payload_is_rank_per_layer(tiny_prep, vera_run):
     names = layer_names(tiny_prep)
     shapes = {f"{n}.vera_d": (RANK,) for n in names}
     assert sent and all(set(p) == set(shapes) for p in sent)
-    for e in sim.ledger.entries:
+    for e in sim.ledger.rows():
         assert e.n_params == len(names) * RANK
         assert e.bytes == test_ledger.predicted_safetensors_bytes(shapes)
-    assert len(sim.ledger.entries) == 2 * len(tiny_prep.split.train) * sim.cfg.train.rounds
+    assert len(sim.ledger.rows()) == 2 * len(tiny_prep.split.train) * sim.cfg.train.rounds
     # b trained on every client, differs between clients, and its values never appear in a payload
     bs = [{n: t for n, t in c.tensors.items() if n.endswith(".vera_b")} for c in sim.clients]
     assert all(len(b) == len(names) and all(t.abs().sum() > 0 for t in b.values()) for b in bs)
@@ -98,5 +98,5 @@ def test_aggregated_d_is_the_example_weighted_mean_of_uploads(tiny_prep, vera_ru
             assert not torch.equal(ups[0][0][name], ups[1][0][name])
     method = METHODS["fedsa-vera"](tiny_config("fedsa-vera"))
     d1, d2 = torch.randn(RANK), torch.randn(RANK)
-    out = method.aggregate([({"l.vera_d": d1}, 1), ({"l.vera_d": d2}, 3)], {}, 2)
+    out = method.aggregate([({"l.vera_d": d1}, 1), ({"l.vera_d": d2}, 3)], {}, 2, [0, 1])
     torch.testing.assert_close(out["l.vera_d"], (d1 + 3 * d2) / 4)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import test_ledger
-from fedslip.federation.simulation import Simulation
+from fedslip.federation.inprocess import Simulation
 from fedslip.methods import METHODS
 
 from conftest import tiny_config
@@ -81,8 +81,8 @@ def test_payload_is_b_plus_head(tiny_prep, ffa_run):
     shapes.update({"classifier.weight": (n_classes, hidden), "classifier.bias": (n_classes,)})
     n_params = 2 * net.num_hidden_layers * hidden * r + n_classes * hidden + n_classes
     assert all(set(p) == set(shapes) for p in sent)
-    assert len(sim.ledger.entries) == 2 * len(tiny_prep.split.train) * sim.cfg.train.rounds
-    for e in sim.ledger.entries:
+    assert len(sim.ledger.rows()) == 2 * len(tiny_prep.split.train) * sim.cfg.train.rounds
+    for e in sim.ledger.rows():
         assert e.n_params == n_params and e.bytes == test_ledger.predicted_safetensors_bytes(shapes)
     assert result.final["global_acc"] is not None  # one global model: the seeded A, averaged B and head
 

@@ -8,8 +8,9 @@ import torch
 
 import test_ledger
 from fedslip.cli import main
-from fedslip.federation import simulation
-from fedslip.federation.simulation import Simulation, select_clients
+from fedslip.federation import inprocess as simulation
+from fedslip.federation.inprocess import Simulation
+from fedslip.federation.protocol import select_clients
 from fedslip.methods import METHODS
 
 from test_cli import sets as tiny_sets
@@ -22,10 +23,10 @@ def spy_aggregate(sim) -> list:
     captured = []
     real = sim.method.aggregate
 
-    def spy(ups, glob, rnd):
+    def spy(ups, glob, rnd, participants):
         captured.append(([({k: v.clone() for k, v in p.items()}, n) for p, n in ups],
                          {k: v.clone() for k, v in glob.items()}))
-        return real(ups, glob, rnd)
+        return real(ups, glob, rnd, participants)
 
     sim.method.aggregate = spy
     return captured
@@ -87,7 +88,7 @@ def test_stack_weights_by_example_count_across_ranks():
     ups = [({"l.A": torch.randn(r, 5, generator=gen), "l.B": torch.randn(6, r, generator=gen)}, n)
            for r, n in ((3, 1), (1, 3), (2, 4))]
     glob = {"l.delta": torch.randn(6, 5, generator=gen)}
-    out = method.aggregate(ups, glob, 1)
+    out = method.aggregate(ups, glob, 1, [0, 1, 2])
     s = cfg.method.alpha_g / cfg.method.r_g  # α_k / r_k with α_k = (α_g / r_g)·r_k
     want = sum(n / 8 * s * (p["l.B"].double() @ p["l.A"].double()) for p, n in ups)
     torch.testing.assert_close(out["l.delta"].double(), glob["l.delta"].double() + want, rtol=1e-6, atol=1e-6)
@@ -185,8 +186,8 @@ def test_ledger_matches_payload_formula(tiny_prep):
     hidden, n_layers = tiny_prep.backbone.model.config.hidden_size, len(layers(tiny_prep))
     head = n_params(head_shapes(tiny_prep))
     n_clients = len(tiny_prep.split.train)
-    assert len(ledger.entries) == 2 * n_clients * cfg.train.rounds
-    for e in ledger.entries:
+    assert len(ledger.rows()) == 2 * n_clients * cfg.train.rounds
+    for e in ledger.rows():
         r_k = RANKS[e.client % 4]
         if e.direction == "up":  # r_k·(d_in + d_out) per layer + head
             shapes = payload_shapes(tiny_prep, [r_k])
@@ -211,7 +212,7 @@ def test_downlink_grows_with_the_number_of_clients_aggregated(tiny_prep):
     first_round = select_clients(4, 0.5, cfg.train.seed, 1)
     assert len(first_round) == 2
     stacked_rank = sum(RANKS[k % 4] for k in first_round)
-    sizes = {e.n_params for e in ledger.entries if e.direction == "down" and e.round == 2}
+    sizes = {e.n_params for e in ledger.rows() if e.direction == "down" and e.round == 2}
     assert sizes == {n_layers * stacked_rank * 2 * hidden + head}
     assert sizes.pop() < n_layers * sum(RANKS) * 2 * hidden + head  # the 4-client stack
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from fedslip.cli import main
-from fedslip.federation import simulation
-from fedslip.federation.simulation import Simulation
+from fedslip.federation import inprocess as simulation
+from fedslip.federation.inprocess import Simulation
 from fedslip.methods import METHODS
-from fedslip.methods.floral import FRAC_BITS, LOAD, FLoRAL
+from fedslip.methods.floral import COHORT, FRAC_BITS, LOAD, FLoRAL
 
 from conftest import tiny_config
 
@@ -61,7 +61,7 @@ def test_k1_is_fedavg_with_lora(tiny_prep):
     for rnd in (1, 2):
         fedavg.run_round(rnd)
         floral.run_round(rnd)
-    assert set(floral.glob) == {n.replace(".g_", ".mix_") for n in fedavg.glob}
+    assert set(floral.glob) == {n.replace(".g_", ".mix_") for n in fedavg.glob} | {COHORT}
     for name, expected in fedavg.glob.items():
         got = floral.glob[name.replace(".g_", ".mix_")]
         if ".mix_" in name.replace(".g_", ".mix_"):
@@ -75,7 +75,7 @@ def test_mixture_weights_never_leave_the_client(floral_run):
     sim, sent, updates, _, _ = floral_run
     model = sim.model
     router = FLoRAL.router_name(model)
-    allowed = set(FLoRAL.adaptor_names(model)) | set(model.head_names) | {LOAD}
+    allowed = set(FLoRAL.adaptor_names(model)) | set(model.head_names) | {LOAD, COHORT}
     assert sent and all(set(p) <= allowed and router not in p for p in sent)
     secrets = [u[key] * scale for u in updates for key, scale in (("logits", 1), ("pi", 1), ("pi", u["n"]))]
     for payload in sent:
@@ -130,11 +130,11 @@ def test_mixtures_are_learned_privately_and_used_for_personalization(floral_run)
 
 
 def safetensors_bytes(specs: dict[str, tuple[str, int, tuple[int, ...]]]) -> int:
-    """8-byte length + compact JSON header (names sorted) padded to 8 + raw data.
+    """8-byte length + compact JSON header padded to 8 + raw data, laid out wider dtypes first, then by name.
 
     specs: name -> (safetensors dtype, bytes per element, shape)."""
     header, offset = {}, 0
-    for name in sorted(specs):
+    for name in sorted(specs, key=lambda n: (-specs[n][1], n)):
         dtype, size, shape = specs[name]
         n = size * int(np.prod(shape, dtype=np.int64))
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
@@ -155,14 +155,15 @@ def test_ledger_matches_payload_formula(floral_run, tiny_prep):
             down[f"{base}.mix_A"] = ("F32", 4, (K, r, h))
             down[f"{base}.mix_B"] = ("F32", 4, (K, h, r))
     up = {**down, LOAD: ("I64", 8, (K,))}
-    n_down = net.num_hidden_layers * 2 * K * r * (h + h) + c * h + c  # K·r·(d_in + d_out) per layer + head
+    n_up = net.num_hidden_layers * 2 * K * r * (h + h) + c * h + c  # K·r·(d_in + d_out) per layer + head
     n_clients = len(tiny_prep.split.train)
-    assert len(ledger.entries) == 2 * n_clients * cfg.train.rounds
-    for e in ledger.entries:
+    down[COHORT] = ("I64", 8, (n_clients,))  # the round's cohort, announced for the secure aggregation
+    assert len(ledger.rows()) == 2 * n_clients * cfg.train.rounds
+    for e in ledger.rows():
         if e.direction == "down":
-            assert (e.bytes, e.n_params, e.dtypes) == (safetensors_bytes(down), n_down, "float32")
+            assert (e.bytes, e.n_params, e.dtypes) == (safetensors_bytes(down), n_up + n_clients, "float32+int64")
         else:
-            assert (e.bytes, e.n_params, e.dtypes) == (safetensors_bytes(up), n_down + K, "float32+int64")
+            assert (e.bytes, e.n_params, e.dtypes) == (safetensors_bytes(up), n_up + K, "float32+int64")
 
 
 def test_cli_tiny_run(tmp_path):

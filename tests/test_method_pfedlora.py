@@ -16,8 +16,8 @@ import torch
 
 from fedslip.cli import main
 from fedslip.errors import UserError
-from fedslip.federation import simulation
-from fedslip.federation.simulation import Simulation
+from fedslip.federation import inprocess as simulation
+from fedslip.federation.inprocess import Simulation
 from fedslip.methods import METHODS
 from fedslip.methods import pfedlora as pfedlora_module
 from fedslip.model.backbone import load_backbone
@@ -112,9 +112,9 @@ def test_server_averages_the_adapters(tiny_prep, monkeypatch):
     sim = Simulation(tiny_prep, METHODS["pfedlora"](tiny_config("pfedlora", method={"client_layers": LAYERS})))
     seen, real = {}, sim.method.aggregate
 
-    def spy(ups, glob, rnd):
+    def spy(ups, glob, rnd, participants):
         seen["ups"] = ups
-        return real(ups, glob, rnd)
+        return real(ups, glob, rnd, participants)
 
     monkeypatch.setattr(sim.method, "aggregate", spy)
     sim.run_round(1)
@@ -163,8 +163,8 @@ def test_ledger_matches_payload_formula(run, tiny_prep):
         shapes[f"bert.encoder.layer.0.attention.self.{proj}.g_A"] = (r, h)
         shapes[f"bert.encoder.layer.0.attention.self.{proj}.g_B"] = (h, r)
     n_clients = len(tiny_prep.split.train)
-    assert len(ledger.entries) == 2 * n_clients * sim.cfg.train.rounds
-    for e in ledger.entries:
+    assert len(ledger.rows()) == 2 * n_clients * sim.cfg.train.rounds
+    for e in ledger.rows():
         assert (e.bytes, e.n_params, e.dtypes) == (predicted_safetensors_bytes(shapes), 2 * r * (h + h), "float32")
 
 
@@ -210,7 +210,7 @@ def test_personal_model_uses_the_adapter_the_client_trained_with(run):
     """The local model was trained against the client's own adapter (phase 2 follows phase 1), so the
     personalized model is evaluated with that adapter, the one it uploaded last, not the new average."""
     sim, _, sent, _, _, _ = run
-    last_ups = sent[-2 * 4 + 1::2]  # the last round's payloads: down, up per client
+    last_ups = sent[-3 * 4 + 1:-4:2]  # the last round's payloads: down, up per client, then 4 evaluation downloads
     for k, client in enumerate(sim.clients):
         view = sim.method.personal_view(sim.model, sim.glob, client)
         assert set(last_ups[k]) == set(sim.model.global_names)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedslip.federation import simulation
-from fedslip.federation.simulation import Simulation
+from fedslip.federation import inprocess as simulation
+from fedslip.federation.inprocess import Simulation
 from fedslip.methods import METHODS
 
 from conftest import tiny_config

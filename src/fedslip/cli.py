@@ -13,69 +13,25 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+from fedslip.cli_common import Parser, add_common, config_from_args, method_list, out_dir
 from fedslip.errors import UserError
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2 (argparse's own default prints usage too)
-        raise UserError(message)
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE.toml", help="TOML file with [data] [partition] [model] [train] [method]")
-    p.add_argument("--preset", choices=None, metavar="{quick,paper}", help="start from a preset (default: paper)")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one setting, e.g. --set train.rounds=3 (repeatable)")
-    p.add_argument("--data-dir", help="AG News folder with train.csv and test.csv (else $FEDSLIP_DATA_DIR, then the hub)")
-    p.add_argument("--out", help="output folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fedslip", description="Federated, personalized, parameter-efficient fine-tuning.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = Parser(prog="fedslip", description="Federated, personalized, parameter-efficient fine-tuning.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     run = sub.add_parser("run", help="train one method federated and report its metrics")
-    _common(run)
+    add_common(run)
     run.add_argument("--method", help="method name (default fedslip; see `fedslip methods`)")
     cmp_ = sub.add_parser("compare", help="run several methods on the same split and compare them")
-    _common(cmp_)
+    add_common(cmp_)
     cmp_.add_argument("--methods", default="local,fedavg,dualtrack-naive,fedslip",
                       help="comma-separated method names, or 'all'")
     sub.add_parser("methods", help="list the available methods")
     from fedslip.flower_cli import add_commands
 
-    add_commands(sub, _common)
+    add_commands(sub, add_common)
     return parser
-
-
-def _config(args, method: str | None):
-    from fedslip.config import load_config
-
-    sets = list(args.sets)
-    if args.data_dir:
-        sets.append(f"data.data_dir={_toml_str(args.data_dir)}")
-    return load_config(args.config, args.preset, method, sets)
-
-
-def _toml_str(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _method_list(spec: str) -> list[str]:
-    from fedslip.methods import METHODS
-
-    names = list(METHODS) if spec.strip() == "all" else [m.strip() for m in spec.split(",") if m.strip()]
-    unknown = [m for m in names if m not in METHODS]
-    if unknown or not names:
-        raise UserError(f"unknown method {', '.join(unknown) or spec!r} (known: {', '.join(METHODS)})")
-    return names
-
-
-def _out_dir(args, default: str) -> Path:
-    out = Path(args.out or default)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a folder")
-    return out
 
 
 def _execute(args, methods: list[str], out: Path) -> int:
@@ -85,15 +41,14 @@ def _execute(args, methods: list[str], out: Path) -> int:
 
     from fedslip.evaluation.outputs import write_outputs
     from fedslip.evaluation.tables import comparison_rows, to_markdown
-    from fedslip.federation.simulation import Simulation
+    from fedslip.federation.inprocess import Simulation
     from fedslip.methods import METHODS
     from fedslip.prepare import prepare
     from fedslip.progress import NullProgress, RichProgress
 
-    cfg = _config(args, methods[0])
+    cfg = config_from_args(args, methods[0])
     if cfg.method.strategy != "method":
-        raise UserError(f"method.strategy = {cfg.method.strategy!r} applies to Flower runs (fedslip flower, "
-                        "fedslip deploy); the in-process engine aggregates with the method's own rule")
+        _need_flower(cfg.method.strategy)
     console = Console(stderr=True)
     start = time.perf_counter()
     prep = prepare(cfg)
@@ -112,6 +67,16 @@ def _execute(args, methods: list[str], out: Path) -> int:
     return 0
 
 
+def _need_flower(strategy: str) -> None:
+    from fedslip.federation.flower.strategies import parse_spec
+
+    parse_spec(strategy)
+    try:
+        import flwr  # noqa: F401
+    except ImportError:
+        raise UserError(f"method.strategy = {strategy!r} is a Flower strategy: pip install -e '.[flower]'") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -126,10 +91,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:18s} {(doc.strip().splitlines() or [''])[0]}")
             return 0
         if args.command == "run":
-            methods = _method_list(args.method or "fedslip")
-            return _execute(args, methods[:1], _out_dir(args, f"runs/{methods[0]}"))
-        methods = _method_list(args.methods)
-        return _execute(args, methods, _out_dir(args, "runs/compare"))
+            methods = method_list(args.method or "fedslip")
+            return _execute(args, methods[:1], out_dir(args, f"runs/{methods[0]}"))
+        methods = method_list(args.methods)
+        return _execute(args, methods, out_dir(args, "runs/compare"))
     except UserError as e:
         print(f"fedslip: error: {e}", file=sys.stderr)
         return 2

@@ -65,6 +65,9 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 1  # evaluate every k rounds (the last round is always evaluated)
     eval_batch_size: int = 128
+    failure_rate: float = 0.0  # in-process: chance that a selected client drops out of a round (seeded)
+    failures: list[list[int]] = field(default_factory=list)  # in-process: [round, client] pairs that fail
+    max_update_norm: float | None = None  # reject an upload whose change to the global state is larger
 
 
 @dataclass
@@ -201,10 +204,15 @@ def _check_types(cfg: Config) -> None:
                   "bool": isinstance(value, bool),
                   "str": isinstance(value, str),
                   "list[str]": isinstance(value, list) and all(isinstance(v, str) for v in value),
-                  "list[int]": isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool)
-                                                               for v in value)}[kind]
+                  "list[int]": isinstance(value, list) and all(_is_int(v) for v in value),
+                  "list[list[int]]": isinstance(value, list) and all(
+                      isinstance(v, list) and all(_is_int(x) for x in v) for v in value)}[kind]
             if not ok:
                 raise UserError(f"{section}.{f.name} = {value!r}: expected {kind}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def validate(cfg: Config) -> None:
@@ -245,6 +253,11 @@ def validate(cfg: Config) -> None:
     need(0 < t.client_fraction <= 1, f"train.client_fraction = {t.client_fraction}: must be in (0, 1]")
     need(t.eval_every >= 1, f"train.eval_every = {t.eval_every}: must be >= 1")
     need(t.eval_batch_size >= 1, f"train.eval_batch_size = {t.eval_batch_size}: must be >= 1")
+    need(0 <= t.failure_rate < 1, f"train.failure_rate = {t.failure_rate}: must be in [0, 1)")
+    need(all(len(f) == 2 and f[0] >= 1 and 0 <= f[1] < p.n_clients for f in t.failures),
+         f"train.failures = {t.failures}: expected [round, client] pairs, round >= 1, client in [0, {p.n_clients})")
+    need(t.max_update_norm is None or t.max_update_norm > 0,
+         f"train.max_update_norm = {t.max_update_norm}: must be > 0")
     need(m.name in METHODS, f"unknown method {m.name!r} (known: {', '.join(METHODS)})")
     need(m.r_g >= 1, f"method.r_g = {m.r_g}: must be >= 1")
     need(m.r_p >= 1, f"method.r_p = {m.r_p}: must be >= 1")

@@ -7,7 +7,7 @@
   (messages still go through Flower's serialization); `--runtime simulation`: Flower's simulation engine
   (Ray) behind a SuperLink started for the run.
 
-Hooked into `fedslip.cli` by `add_commands(sub, _common)` in `build_parser` and, in `main`,
+Hooked into `fedslip.cli` by `add_commands(sub, add_common)` in `build_parser` and, in `main`,
 `if hasattr(args, "flower_handler"): return args.flower_handler(args)`.
 """
 
@@ -42,7 +42,7 @@ def add_commands(sub, common) -> None:
 
 
 def _prepare_run(args, default_out: str):
-    from fedslip.cli import _config, _method_list, _out_dir, _toml_str
+    from fedslip.cli_common import config_from_args, method_list, out_dir, toml_str
     from fedslip.errors import UserError
     from fedslip.federation.flower.deploy import run_config_for
 
@@ -50,12 +50,12 @@ def _prepare_run(args, default_out: str):
         import flwr  # noqa: F401
     except ImportError:
         raise UserError("the Flower runtime needs Flower: pip install -e '.[flower]'") from None
-    method = _method_list(args.method or "fedslip")[0]
-    cfg = _config(args, method)  # validated here: a bad config stops before anything starts
-    out = _out_dir(args, default_out.format(method=method))
+    method = method_list(args.method or "fedslip")[0]
+    cfg = config_from_args(args, method)  # validated here: a bad config stops before anything starts
+    out = out_dir(args, default_out.format(method=method))
     sets = list(args.sets)
     if args.data_dir:
-        sets.append(f"data.data_dir={_toml_str(str(Path(args.data_dir).resolve()))}")
+        sets.append(f"data.data_dir={toml_str(str(Path(args.data_dir).resolve()))}")
     rc = run_config_for(args.preset, method, args.config, sets, out, getattr(args, "min_available", 0))
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fedslip-flower-")).resolve()
     return cfg, rc, out, workdir
@@ -113,7 +113,7 @@ def _flower(args: argparse.Namespace) -> int:
 
 def run_simulation(rc: dict, workdir: Path, n_nodes: int, cpus: int = 2, timeout: float = 3600.0) -> dict:
     """`flwr run` on Flower's simulation engine (Ray), behind a SuperLink started (and stopped) for this run."""
-    from fedslip.federation.flower.deploy import Loopback
+    from fedslip.federation.flower.loopback import Loopback
 
     federation = {"num-supernodes": n_nodes, "client-resources-num-cpus": 1, "client-resources-num-gpus": 0.0,
                   "init-args-num-cpus": cpus, "init-args-num-gpus": 0}

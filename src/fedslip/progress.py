@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 class NullTask:
-    def advance(self, record=None) -> None:
+    def advance(self, record=None, evaluated=None) -> None:
         pass
 
     def done(self) -> None:
@@ -20,13 +20,16 @@ class RichTask:
     def __init__(self, progress, task_id, transient: bool):
         self.progress, self.id, self.transient = progress, task_id, transient
 
-    def advance(self, record=None) -> None:
+    def advance(self, record=None, evaluated=None) -> None:
+        """`record`: the round just trained; `evaluated`: the latest round whose evaluation is complete."""
         extra = ""
-        if record is not None and getattr(record, "evaluated", False):
-            accs = record.personal_acc or []
+        if record is not None:
+            extra = f"loss {record.train_loss:.3f}"
+        if evaluated is not None:
+            accs = [a for a in (evaluated.personal_acc or []) if a == a]  # NaN: a client that did not answer
             pers = f" personal {100 * sum(accs) / len(accs):.1f}%" if accs else ""
-            glob = f" global {100 * record.global_acc:.1f}%" if record.global_acc is not None else ""
-            extra = f"loss {record.train_loss:.3f}{glob}{pers}"
+            glob = f" global {100 * evaluated.global_acc:.1f}%" if evaluated.global_acc is not None else ""
+            extra += f" (round {evaluated.round}:{glob}{pers})"
         self.progress.update(self.id, advance=1, **({"status": extra} if extra else {}))
 
     def done(self) -> None:

@@ -2,17 +2,22 @@
 
 Whatever the source, the result has the same shape: `train` and `test` Datasets with exactly the columns
 `text` (str) and `label` (int64 in 0..num_classes-1). Every problem the user can fix (missing folder, missing
-column, bad label) is one `UserError` line that names the file/column/value and says what to do.
+column, bad label, a file that is not UTF-8, a row with the wrong number of fields) is one `UserError` line that
+names the file, the line and the value and says what to do. Where the run can honestly go on (rows with empty
+text, a class only the test file has) it prints one `fedslip: warning: ...` line on stderr instead.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
 import math
 import os
 import re
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,31 +94,35 @@ def read_ag_news_csv(path: Path) -> tuple[list[str], list[int]]:
     text = title + " " + description, as in the hub's `ag_news`."""
     texts: list[str] = []
     labels: list[int] = []
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f)
-        first = next(reader, None)
-        if first is None:
-            raise UserError(f"{path}: empty file; expected AG News rows label,title,description")
-        has_header = not (first and _INT_RE.fullmatch(first[0].strip()))
-        if has_header and [c.strip().lower() for c in first] != ["label", "title", "description"]:
-            raise UserError(f"{path}: header {','.join(first)!r} is not label,title,description "
-                            "(or use the original headerless class,title,description format)")
-        offset = 0 if has_header else 1  # the original files count classes from 1
-        rows = reader if has_header else itertools.chain([first], reader)
-        for row in rows:
-            if len(row) != 3:
-                raise UserError(f"{path}: line {reader.line_num} has {len(row)} fields; expected 3 "
-                                "(label,title,description)")
-            raw = row[0].strip()
-            if not _INT_RE.fullmatch(raw):
-                raise UserError(f"{path}: line {reader.line_num}: label {raw!r} is not an integer")
-            label = int(raw) - offset
-            if not 0 <= label < len(AG_NEWS_LABELS):
-                allowed = "1..4 (headerless original format)" if offset else "0..3"
-                raise UserError(f"{path}: line {reader.line_num}: label {raw} outside {allowed}; "
-                                "fix the file or use the other AG News format consistently")
-            texts.append(f"{row[1]} {row[2]}")
-            labels.append(label)
+    empty: list[int] = []
+    records = _csv_records(path, _read_text(path))
+    first = next(records, None)
+    if first is None:
+        raise UserError(f"{path}: empty file; expected AG News rows label,title,description")
+    head = first[1]
+    has_header = not _INT_RE.fullmatch(head[0].strip())
+    if has_header and [c.strip().lower() for c in head] != ["label", "title", "description"]:
+        raise UserError(f"{path}: header {','.join(head)!r} is not label,title,description "
+                        "(or use the original headerless class,title,description format)")
+    offset = 0 if has_header else 1  # the original files count classes from 1
+    for line, row in (records if has_header else itertools.chain([first], records)):
+        if len(row) != 3:
+            raise UserError(f"{path}: line {line} has {len(row)} fields; expected 3 "
+                            "(label,title,description)")
+        raw = row[0].strip()
+        if not _INT_RE.fullmatch(raw):
+            raise UserError(f"{path}: line {line}: label {raw!r} is not an integer")
+        label = int(raw) - offset
+        if not 0 <= label < len(AG_NEWS_LABELS):
+            allowed = "1..4 (headerless original format)" if offset else "0..3"
+            raise UserError(f"{path}: line {line}: label {raw} outside {allowed}; "
+                            "fix the file or use the other AG News format consistently")
+        if not (row[1].strip() or row[2].strip()):
+            empty.append(line)
+            continue
+        texts.append(f"{row[1]} {row[2]}")
+        labels.append(label)
+    _warn_empty(path, empty, "line")
     if not labels:
         raise UserError(f"{path}: no data rows")
     return texts, labels
@@ -154,15 +163,17 @@ def _load_files(cfg: DataConfig) -> TextData:
     read = _read_csv if cfg.source == "csv" else _read_jsonl
     cols = [*cfg.text_columns, cfg.label_column]
     train_rows = read(_existing(cfg.train_file, "data.train_file"), cols)
-    train_texts, train_raw = _texts_and_labels(train_rows, cfg, cfg.train_file)
+    train_texts, train_raw, _ = _texts_and_labels(train_rows, cfg, cfg.train_file)
     if cfg.test_file:
         test_rows = read(_existing(cfg.test_file, "data.test_file"), cols)
-        test_texts, test_raw = _texts_and_labels(test_rows, cfg, cfg.test_file)
+        test_texts, test_raw, test_lines = _texts_and_labels(test_rows, cfg, cfg.test_file)
     else:
-        test_texts, test_raw = [], []
+        test_texts, test_raw, test_lines = [], [], []
     files = {"train": cfg.train_file, "test": cfg.test_file or cfg.train_file}
     train_ids, test_ids, names = encode_labels(train_raw, test_raw, cfg.num_classes, files)
-    if not cfg.test_file:
+    if cfg.test_file:
+        _warn_test_only(train_ids, test_ids, test_lines, names, files, "line")
+    else:
         tr, te = stratified_holdout(train_ids, cfg.test_fraction)
         test_texts, test_ids = [train_texts[i] for i in te], train_ids[te]
         train_texts, train_ids = [train_texts[i] for i in tr], train_ids[tr]
@@ -181,34 +192,88 @@ def _existing(path: str, key: str) -> Path:
     return p
 
 
-def _read_csv(path: Path, columns: list[str]) -> list[dict]:
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        present = reader.fieldnames or []
-        _check_columns(path, columns, present)
-        rows = list(reader)
-    if not rows:
-        raise UserError(f"{path}: no data rows")
-    return rows
+def _warn(message: str) -> None:
+    """One plain line on stderr, printed each time it is called (`warnings.warn` would add the source line,
+    and its filters could hide it or show it twice)."""
+    print(f"fedslip: warning: {message}", file=sys.stderr)
 
 
-def _read_jsonl(path: Path, columns: list[str]) -> list[dict]:
+def _read_text(path: Path) -> str:
+    """The whole file as text. A file that is not UTF-8 (spreadsheets often save cp1252/latin-1) is one error
+    naming the line of the first bad byte, not a UnicodeDecodeError traceback."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        utf16 = " (it looks like UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise UserError(f"{path}: line {line}: byte 0x{data[e.start]:02x} is not UTF-8{utf16}; "
+                        "re-save the file as UTF-8") from None
+
+
+def _csv_records(path: Path, text: str) -> Iterator[tuple[int, list[str]]]:
+    """(physical line where the record starts, fields) for each CSV record. A quoted field may span lines, so
+    the start is one past where the previous record ended; rows with only empty fields are skipped."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    while True:
+        start = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise UserError(f"{path}: line {start}: {e}; check the quoting") from None
+        if any(field.strip() for field in row):
+            yield start, row
+
+
+def _read_csv(path: Path, columns: list[str]) -> list[tuple[int, dict]]:
+    """(line, {column: value}) per row. A row with fewer or more fields than the header is an error: with
+    too few, csv.DictReader's None would shift meaning (a 1-field row `sports` became a class of its own);
+    with too many, the tail of an unquoted text would be dropped. Extra fields that are all empty are fine."""
+    records = _csv_records(path, _read_text(path))
+    _, header = next(records, (0, []))
+    _check_columns(path, columns, header)
     rows = []
-    with open(path, encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}: line {n} is not a JSON object")
-            rows.append(row)
+    for line, fields in records:
+        extra = fields[len(header):]
+        if len(fields) < len(header) or any(f.strip() for f in extra):
+            hint = ("quote fields that contain commas" if extra else
+                    "add the missing fields, or close a quote left open")
+            raise UserError(f"{path}: line {line}: row has {_count(len(fields), 'field')}, expected "
+                            f"{len(header)} ({','.join(header)}); {hint}")
+        rows.append((line, dict(zip(header, fields))))
     if not rows:
         raise UserError(f"{path}: no data rows")
-    _check_columns(path, columns, list(rows[0]))
     return rows
+
+
+def _read_jsonl(path: Path, columns: list[str]) -> list[tuple[int, dict]]:
+    """(line, object) per non-blank line; every object must have every column (JSON null is allowed)."""
+    rows = []
+    for n, line in enumerate(io.StringIO(_read_text(path), newline=None), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: line {n} is not a JSON object")
+        if not rows:
+            _check_columns(path, columns, list(row))
+        missing = [c for c in columns if c not in row]
+        if missing:
+            raise UserError(f"{path}: line {n}: missing {missing[0]!r} (keys: {', '.join(row) or 'none'}); "
+                            "add it or remove the line")
+        rows.append((n, row))
+    if not rows:
+        raise UserError(f"{path}: no data rows")
+    return rows
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _check_columns(path, wanted: list[str], present: list[str]) -> None:
@@ -222,16 +287,47 @@ def _missing(v) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip())
 
 
-def _texts_and_labels(rows: list[dict], cfg: DataConfig, file: str) -> tuple[list[str], list]:
-    """Join the text columns with " " (missing text counts as ""); a missing label is an error."""
-    texts, labels = [], []
-    for n, row in enumerate(rows, start=1):
+def _texts_and_labels(rows: list[tuple[int, dict]], cfg: DataConfig, file: str,
+                      unit: str = "line") -> tuple[list[str], list, list[int]]:
+    """Join the text columns with " " (a missing one counts as ""); a missing label is an error. Rows whose
+    text is empty are dropped with one warning: training on "" only teaches the label's frequency.
+    Returns (texts, labels, line of each kept row); `unit` is how `file` counts rows ("line" or "row")."""
+    texts, labels, lines, empty = [], [], [], []
+    for n, row in rows:
+        text = " ".join("" if _missing(row.get(c)) else str(row.get(c)) for c in cfg.text_columns)
+        if not text.strip():
+            empty.append(n)
+            continue
         label = row.get(cfg.label_column)
         if _missing(label):
-            raise UserError(f"{file}: row {n}: missing {cfg.label_column!r}; fill it in or remove the row")
-        texts.append(" ".join("" if _missing(row.get(c)) else str(row.get(c)) for c in cfg.text_columns))
+            raise UserError(f"{file}: {unit} {n}: missing {cfg.label_column!r}; fill it in or remove the row")
+        texts.append(text)
         labels.append(label)
-    return texts, labels
+        lines.append(n)
+    _warn_empty(file, empty, unit)
+    if rows and not texts:
+        raise UserError(f"{file}: every row has empty text (data.text_columns = {', '.join(cfg.text_columns)})")
+    return texts, labels, lines
+
+
+def _warn_empty(file, empty: list[int], unit: str) -> None:
+    if empty:
+        _warn(f"{file}: {_count(len(empty), 'row')} with empty text dropped (first at {unit} {empty[0]})")
+
+
+def _warn_test_only(train_ids: np.ndarray, test_ids: np.ndarray, test_lines: list[int], names: list[str],
+                    files: dict[str, str], unit: str) -> None:
+    """A class the test file has but training never saw cannot be learned, and the global test set is
+    balanced over classes, so its accuracy is capped at (C-k)/C. The run can go on; say so once."""
+    unseen = set(np.unique(test_ids).tolist()) - set(np.unique(train_ids).tolist())
+    if not unseen:
+        return
+    firsts = sorted((int(np.flatnonzero(test_ids == c)[0]), c) for c in unseen)  # in file order
+    k, n = len(unseen), len(names)
+    shown = ", ".join(repr(names[c]) for _, c in firsts[:5]) + (f" and {k - 5} more" if k > 5 else "")
+    _warn(f"{files['test']}: {unit} {test_lines[firsts[0][0]]}: {'class' if k == 1 else 'classes'} {shown} "
+          f"never {'appears' if k == 1 else 'appear'} in {files['train']}; no client can learn "
+          f"{'it' if k == 1 else 'them'}, so accuracy on the balanced global test is capped at {n - k}/{n}")
 
 
 def _as_int(v) -> int | None:
@@ -306,19 +402,21 @@ def _load_hub(cfg: DataConfig) -> TextData:
     feature = dd["train"].features[cfg.label_column]
     class_names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
 
-    def columns(ds: datasets.Dataset, split: str) -> tuple[list[str], list]:
+    def columns(ds: datasets.Dataset, split: str) -> tuple[list[str], list, list[int]]:
         _check_columns(f"hub dataset {name} ({split})", cols, ds.column_names)
         rows = [dict(zip(cols, vals)) for vals in zip(*(list(ds[c]) for c in cols))]
-        return _texts_and_labels(rows, cfg, f"hub dataset {name} ({split})")
+        return _texts_and_labels(list(enumerate(rows, start=1)), cfg, f"hub dataset {name} ({split})", "row")
 
-    train_texts, train_raw = columns(dd["train"], "train")
-    test_texts, test_raw = columns(dd["test"], "test") if "test" in dd else ([], [])
+    train_texts, train_raw, _ = columns(dd["train"], "train")
+    test_texts, test_raw, test_rows = columns(dd["test"], "test") if "test" in dd else ([], [], [])
     files = {"train": f"hub dataset {name} (train)", "test": f"hub dataset {name} (test)"}
     n = cfg.num_classes if cfg.num_classes is not None else (len(class_names) if class_names else None)
     train_ids, test_ids, names = encode_labels(train_raw, test_raw, n, files)
     if class_names and len(class_names) == len(names):
         names = class_names
-    if "test" not in dd:
+    if "test" in dd:
+        _warn_test_only(train_ids, test_ids, test_rows, names, files, "row")
+    else:
         tr, te = stratified_holdout(train_ids, cfg.test_fraction)
         test_texts, test_ids = [train_texts[i] for i in te], train_ids[te]
         train_texts, train_ids = [train_texts[i] for i in tr], train_ids[tr]

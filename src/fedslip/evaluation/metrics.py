@@ -9,6 +9,7 @@ import torch
 
 from fedslip.data.batching import Encoded
 from fedslip.evaluation.records import MethodResult
+from fedslip.federation.ledger import Ledger
 from fedslip.model.adapted import AdaptedModel, Tensors
 
 
@@ -35,11 +36,12 @@ def _means(values: list[float | None], weights: list[int]) -> tuple[float | None
     return sum(vs) / len(vs), sum(v * w for v, w in pairs) / total, min(vs)
 
 
-def summarize(result: MethodResult, mib_total: float, up_params: int,
-              wire_mib_total: float | None = None) -> dict[str, float | None]:
+def summarize(result: MethodResult, ledger: Ledger) -> dict[str, float | None]:
     """Last-round metrics (never the best round): unweighted mean, test-size-weighted mean, worst client.
 
-    `wire_mib_total`: the payloads' bytes as Flower serialized them (Flower runs only)."""
+    Traffic: training payloads (`mib_*`), evaluation-only downloads (`eval_mib_*`), and in Flower runs the
+    training payloads' bytes as Flower serialized them (`wire_mib_*`)."""
+    mib_total, up_params, wire_mib_total = ledger.total_mib(), ledger.up_params(), ledger.total_wire_mib()
     last = next(r for r in reversed(result.rounds) if r.evaluated)
     weights = [c.n_test for c in result.clients]
     final: dict[str, float | None] = {"global_acc": last.global_acc}
@@ -50,6 +52,9 @@ def summarize(result: MethodResult, mib_total: float, up_params: int,
     final["mib_per_round"] = mib_total / len(result.rounds)
     final["mib_total"] = mib_total
     final["up_params"] = up_params
+    final["eval_mib_per_round"] = ledger.total_mib("eval") / len(result.rounds)
+    final["failed_uploads"] = sum(len(r.failed) for r in result.rounds)
+    final["rejected_uploads"] = sum(len(r.rejected) for r in result.rounds)
     if wire_mib_total is not None:
         final["wire_mib_per_round"] = wire_mib_total / len(result.rounds)
         final["wire_mib_total"] = wire_mib_total

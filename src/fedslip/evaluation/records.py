@@ -13,12 +13,16 @@ from dataclasses import dataclass, field
 class RoundRecord:
     round: int
     train_loss: float  # mean training loss over the round's local steps (all participants)
-    mib_round: float  # MiB sent this round: every participant, up + down
+    mib_round: float  # MiB of training traffic this round: every selected client, up + down
     mib_cumulative: float
     evaluated: bool = False
     global_acc: float | None = None  # balanced global test set, global model
     client_acc: list[float] | None = None  # global model on each client's own test set
     personal_acc: list[float] | None = None  # each client's own (zero-shot personalized) model
+    participants: list[int] = field(default_factory=list)  # clients whose uploads were aggregated
+    failed: list[int] = field(default_factory=list)  # selected, but no upload arrived
+    rejected: list[int] = field(default_factory=list)  # an upload arrived and failed the server's checks
+    eval_mib: float = 0.0  # MiB of evaluation-only downloads that scored this round's model
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +24,9 @@ class Entry:
     # Bytes Flower serialized for this payload's ArrayRecord, as the client mod measured them (Flower runs
     # only; None in-process). `bytes` stays the project's encoding on every runtime, so ledgers compare.
     wire_bytes: int | None = None
+    kind: str = "train"  # "train", or "eval": an evaluation-only download
+    status: str = "ok"  # "ok", "rejected" (failed the server's checks, not aggregated) or "failed" (none came)
+    note: str = ""  # why it was rejected or failed
 
 
 class Ledger:
@@ -33,33 +35,31 @@ class Ledger:
         self.entries: list[Entry] = []
 
     def record(self, rnd: int, client: int, direction: str, payload: Payload, n_bytes: int,
-               wire_bytes: int | None = None) -> None:
+               wire_bytes: int | None = None, kind: str = "train", status: str = "ok", note: str = "") -> None:
         dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in payload.values()})
         self.entries.append(Entry(self.method, rnd, client, direction, n_bytes,
                                   sum(t.numel() for t in payload.values()), len(payload), "+".join(dtypes),
-                                  wire_bytes))
+                                  wire_bytes, kind, status, note))
 
-    def bytes_by_round(self) -> dict[int, int]:
-        out: dict[int, int] = defaultdict(int)
-        for e in self.entries:
-            out[e.round] += e.bytes
-        return dict(out)
+    def rows(self, kind: str = "train") -> list[Entry]:
+        return [e for e in self.entries if e.kind == kind]
 
-    def mib_round(self, rnd: int) -> float:
-        return sum(e.bytes for e in self.entries if e.round == rnd) / MIB
+    def mib_round(self, rnd: int, kind: str = "train") -> float:
+        return sum(e.bytes for e in self.rows(kind) if e.round == rnd) / MIB
 
-    def total_mib(self) -> float:
-        return sum(e.bytes for e in self.entries) / MIB
+    def total_mib(self, kind: str = "train") -> float:
+        return sum(e.bytes for e in self.rows(kind)) / MIB
 
     def total_wire_mib(self) -> float | None:
-        """Flower's serialized bytes of every payload, when every entry has them (a Flower run), else None."""
-        if not self.entries or any(e.wire_bytes is None for e in self.entries):
+        """Flower's serialized bytes of every training payload, when every entry has them (a Flower run)."""
+        rows = [e for e in self.rows() if e.status != "failed"]
+        if not rows or any(e.wire_bytes is None for e in rows):
             return None
-        return sum(e.wire_bytes for e in self.entries) / MIB
+        return sum(e.wire_bytes for e in rows) / MIB
 
     def up_params(self) -> int:
-        """Parameters one client uploads in one round (the largest upload seen)."""
-        return max((e.n_params for e in self.entries if e.direction == "up"), default=0)
+        """Parameters one client uploads in one round (the largest accepted upload seen)."""
+        return max((e.n_params for e in self.entries if e.direction == "up" and e.status == "ok"), default=0)
 
 
 def write_ledger_csv(ledgers: list[Ledger], path: Path) -> None:

@@ -19,6 +19,3 @@ METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (LocalOnly, FedAvg,
                                                              FedSA, FedSARsLoRA, FedSAVeRA, FFALoRA,
                                                              FLoRAL, PFedLoRA, FLoRA, FedSB)}
 
-
-def make_method(cfg) -> Method:
-    return METHODS[cfg.method.name](cfg)

@@ -4,9 +4,12 @@ A method owns nothing but policy. The engine owns the model, the data and the lo
 
     init_global(model, gen)                     -> glob        server state (tensors by name)
     init_client(model, cid, gen)                -> ClientState never serialized, never sent
+    open_round(glob, r, cohort)                 -> glob        server bookkeeping for the selected clients
     down_payload(glob, cid)                     -> Payload     what the server sends to client cid
     local_update(model, down, client, data, r)  -> (Payload, ClientState, metrics)
-    aggregate(ups, glob, r)                     -> glob
+    upload_spec(model, glob, cid, r)            -> names, shapes, dtypes of an honest upload
+    aggregate(ups, glob, r, participants)       -> glob        participants: the clients whose uploads
+                                                               arrived and passed the checks, as ups
     global_view / personal_view                 -> what to evaluate
 
 A `Payload` (flat name -> tensor dict) is the only thing that crosses the client/server boundary; the
@@ -21,15 +24,17 @@ init, identical on every client, never trained, never sent).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from fedslip.config import Config
 from fedslip.data.batching import Batch
 from fedslip.model.adapted import AdaptedModel, Tensors
 from fedslip.model.backbone import Backbone
+
+if TYPE_CHECKING:
+    from fedslip.config import Config
 
 Payload = dict[str, torch.Tensor]
 
@@ -62,6 +67,7 @@ class Method:
     uses_private = False  # builds the private track (r_p > 0)
     personalizes = False  # personal_view differs from global_view
     communicates = True
+    uploads_deltas = False  # uploads are changes, not values (the norm check then takes them whole)
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -118,8 +124,16 @@ class Method:
             state.tensors.update(model.head_init)
         return state
 
+    def open_round(self, glob: Tensors, rnd: int, cohort: list[int]) -> Tensors:
+        """Server bookkeeping before a round's downloads (`cohort`: the clients selected)."""
+        return glob
+
     def down_payload(self, glob: Tensors, cid: int) -> Payload:
         return dict(glob)
+
+    def upload_spec(self, model: AdaptedModel, glob: Tensors, cid: int, rnd: int) -> dict:
+        """What an honest upload of client `cid` in round `rnd` holds: {name: (shape, dtype)}."""
+        return model.spec(self.shared_names(model))
 
     def client_view(self, model: AdaptedModel, down: Payload, client: ClientState) -> Tensors:
         """Every varying tensor a client's model holds: seeded head init, then what it received, then its own."""
@@ -146,7 +160,14 @@ class Method:
     def prox_mu(self) -> float:
         return 0.0
 
-    def aggregate(self, ups: list[tuple[Payload, int]], glob: Tensors, rnd: int) -> Tensors:
+    def set_proximal_mu(self, mu: float) -> None:
+        """Use `mu` as the global step's proximal coefficient (a Flower FedProx strategy says so)."""
+        self.prox_mu = lambda: mu
+        self.m.mu = mu
+        self.m.fedavg_mu = mu
+
+    def aggregate(self, ups: list[tuple[Payload, int]], glob: Tensors, rnd: int,
+                  participants: list[int]) -> Tensors:
         return {**glob, **weighted_mean(ups)}
 
     # --- evaluation ---------------------------------------------------------------------------------

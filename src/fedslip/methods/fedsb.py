@@ -10,9 +10,9 @@ cross-term error, at r² parameters per layer whatever the number of clients.
   taking the example-weighted mean, plus the classification head, trained with R and averaged (the Fed-SB
   code averages the classifier with R); `method.head` = "local" / "frozen" changes only the head.
 - sent once: A and B (r·d_in + d_out·r per layer), in a client's first training round (round 2, or
-  later for a client first selected later: the server knows whom it selected — the engine's seeded
-  `select_clients`, replayed, so `down_payload` has no side effects); the client keeps them (ClientState)
-  and they never change.
+  later for a client that first takes part later: the server records whose uploads it aggregated, and
+  sends A and B again to a client that failed or was not selected before); the client keeps them
+  (ClientState) and they never change.
 - local: nothing else persists; optimiser state is fresh each round, as for every method here.
 
 The initialisation, and the choice the federated setting forces. LoRA-SB initialises from the truncated
@@ -53,6 +53,7 @@ RANK_FACTOR = 8  # Fed-SB's rank per unit of the protocol's LoRA rank (8·8 = 64
 SETUP_ROUND = 1
 
 ROUND = "fedsb.round"  # server state: the last round aggregated (A, B exist once it is >= SETUP_ROUND)
+HOLDERS = "fedsb.holders"  # server state, per client: 1 once an upload of it after the setup round was aggregated
 
 
 class FedSB(Method):
@@ -80,26 +81,22 @@ class FedSB(Method):
         return self.r_names(model) + self.shared_head(model)
 
     def init_global(self, model: AdaptedModel, gen: torch.Generator) -> Tensors:
-        return dict(model.head_init) if self.head == "shared" else {}
+        glob = dict(model.head_init) if self.head == "shared" else {}
+        glob[HOLDERS] = torch.zeros(self.cfg.partition.n_clients, dtype=torch.int64)
+        return glob
 
     # --- server -> client -----------------------------------------------------------------------------
-    def has_basis(self, cid: int, last: int) -> bool:
-        """Whether client `cid` holds A and B after `last` rounds: it got them in its first training round.
-
-        The server knows whom it selected (the engine's seeded `select_clients`, replayed here, so that
-        `down_payload` has no side effects); selected clients are assumed to have taken part.
-        """
-        from fedslip.federation.simulation import select_clients  # the engine's seeded selection
-
-        n, fraction, seed = self.cfg.partition.n_clients, self.t.client_fraction, self.t.seed
-        return any(cid in select_clients(n, fraction, seed, r) for r in range(SETUP_ROUND + 1, last + 1))
+    @staticmethod
+    def has_basis(glob: Tensors, cid: int) -> bool:
+        """Whether client `cid` holds A and B: it got them in a training round it took part in."""
+        return bool(glob[HOLDERS][cid])
 
     def down_payload(self, glob: Tensors, cid: int) -> Payload:
         last = int(glob.get(ROUND, torch.tensor(0)))
         if last < SETUP_ROUND:
             return {}  # setup round: the client has all it needs (W0 and the seeded head)
         down = {k: t for k, t in glob.items() if k.endswith(".sb_R") or (self.head == "shared" and is_head(k))}
-        if not self.has_basis(cid, last):
+        if not self.has_basis(glob, cid):
             down.update({k: t for k, t in glob.items() if k.endswith((".sb_A", ".sb_B"))})
         return down
 
@@ -130,7 +127,14 @@ class FedSB(Method):
         return {f"{layer}.grad": g for layer, g in grads.items()}, client, {"loss": loss}
 
     # --- server ---------------------------------------------------------------------------------------
-    def aggregate(self, ups: list[tuple[Payload, int]], glob: Tensors, rnd: int) -> Tensors:
+    def upload_spec(self, model: AdaptedModel, glob: Tensors, cid: int, rnd: int) -> dict:
+        if rnd == SETUP_ROUND:  # gradient sums, one d_out × d_in matrix per adapted layer
+            return {f"{name}.grad": (tuple(layer.base.weight.shape), layer.base.weight.dtype)
+                    for name, layer in model.layers.items()}
+        return super().upload_spec(model, glob, cid, rnd)
+
+    def aggregate(self, ups: list[tuple[Payload, int]], glob: Tensors, rnd: int,
+                  participants: list[int]) -> Tensors:
         new = dict(glob)
         if rnd == SETUP_ROUND:
             for key in ups[0][0]:
@@ -140,6 +144,9 @@ class FedSB(Method):
                 new[f"{layer}.sb_B"], new[f"{layer}.sb_R"], new[f"{layer}.sb_A"] = b, r, a
         else:
             new.update(weighted_mean(ups))  # R of every layer (+ the head when shared)
+            holders = glob.get(HOLDERS, torch.zeros(self.cfg.partition.n_clients, dtype=torch.int64)).clone()
+            holders[participants] = 1
+            new[HOLDERS] = holders
         new[ROUND] = torch.tensor(rnd)
         return new
 

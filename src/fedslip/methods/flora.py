@@ -33,13 +33,14 @@ well. LoRA re-initialised every round; example-weighted p_k. Our protocol decide
 `train.lr`, fresh each round), dropout (`method.dropout`) and target modules.
 
 Where the federated setting forces a choice: under partial participation (`train.client_fraction` < 1)
-a client that missed rounds has missed their stacks. Stacks compose — concatenating the stacks of
-several rounds gives the sum of their products — so the server sends such a client every stack it has
-not merged yet, concatenated, in one payload: a client last selected in round u merged everything up to
-round u − 1 then, so it is sent the stacks of rounds u … t (every round, if never selected). The server
-knows whom it selected (the engine's seeded `select_clients`, replayed here, so `down_payload` stays free of
-side effects), keeps a round's stack while some client still lacks it, and assumes selected clients took
-part. With full participation this is exactly the last round's stack.
+or client failures a client that missed rounds has missed their stacks. Stacks compose — concatenating
+the stacks of several rounds gives the sum of their products — so the server sends such a client every
+stack it has not merged yet, concatenated, in one payload. The server records, per client, the round in
+which it last took part (its upload was aggregated: it merged everything before that round), keeps a
+round's stack while some client still lacks it, and sends a client the stacks from that round on. With
+full participation this is exactly the last round's stack. A client whose upload was rejected did merge
+but is recorded as not having taken part, so it would merge some stacks twice: keep
+`train.max_update_norm` loose for FLoRA.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ DEFAULT_RANKS = [16, 8, 8, 4]
 
 # Server-side state besides the merged weights and the head (never loaded into a model nor sent).
 ROUND = "flora.round"  # the last round aggregated
+TOOK_PART = "flora.took_part"  # per client: the last round whose upload was aggregated (0: never)
 STACK = "flora.stack."  # + "{round}." + "{layer}.A" / "{layer}.B": a stack some client has not merged yet
 
 
@@ -86,35 +88,34 @@ class FLoRA(Method):
     def shared_names(self, model: AdaptedModel) -> list[str]:
         return self.shared_head(model)
 
-    def init_global(self, model: AdaptedModel, gen: torch.Generator) -> Tensors:
-        glob = {n: torch.zeros_like(t) for n, t in model.read(delta_names(model)).items()}
-        if self.head == "shared":
-            glob.update(model.head_init)
-        return glob
-
     def init_client(self, model: AdaptedModel, cid: int, gen: torch.Generator) -> ClientState:
         state = super().init_client(model, cid, gen)
         state.tensors.update({n: torch.zeros_like(t) for n, t in model.read(delta_names(model)).items()})
         return state
 
     # --- server -> client -----------------------------------------------------------------------------
-    def first_unmerged(self, cid: int, last: int) -> int:
-        """The first round whose stack client `cid` has not merged, after `last` rounds were aggregated.
+    @staticmethod
+    def first_unmerged(glob: Tensors, cid: int) -> int:
+        """The first round whose stack client `cid` has not merged.
 
-        A client merges everything it is sent at the start of its round, so when last selected in round
-        u ≤ last it holds the stacks of rounds < u; never selected, it holds none.
+        A client merges everything it is sent at the start of its round, so when it last took part in
+        round u it holds the stacks of rounds < u; never, it holds none.
         """
-        from fedslip.federation.simulation import select_clients  # the engine's seeded selection
+        took_part = glob.get(TOOK_PART)
+        return max(1, int(took_part[cid])) if took_part is not None else 1
 
-        n, fraction, seed = self.cfg.partition.n_clients, self.t.client_fraction, self.t.seed
-        seen = [r for r in range(1, last + 1) if cid in select_clients(n, fraction, seed, r)]
-        return seen[-1] if seen else 1
+    def init_global(self, model: AdaptedModel, gen: torch.Generator) -> Tensors:
+        glob = {n: torch.zeros_like(t) for n, t in model.read(delta_names(model)).items()}
+        if self.head == "shared":
+            glob.update(model.head_init)
+        glob[TOOK_PART] = torch.zeros(self.cfg.partition.n_clients, dtype=torch.int64)
+        return glob
 
     def down_payload(self, glob: Tensors, cid: int) -> Payload:
         """The stacks of every round this client has not merged (concatenated), plus a shared head."""
         last = int(glob.get(ROUND, torch.tensor(0)))
         parts: dict[str, list[torch.Tensor]] = {}
-        for s in range(self.first_unmerged(cid, last), last + 1):
+        for s in range(self.first_unmerged(glob, cid), last + 1):
             prefix = f"{STACK}{s}."
             for key, t in glob.items():
                 if key.startswith(prefix):
@@ -172,7 +173,15 @@ class FLoRA(Method):
             out[f"{layer}.A"], out[f"{layer}.B"] = torch.cat(a, dim=0), torch.cat(b, dim=1)
         return out
 
-    def aggregate(self, ups: list[tuple[Payload, int]], glob: Tensors, rnd: int) -> Tensors:
+    def upload_spec(self, model: AdaptedModel, glob: Tensors, cid: int, rnd: int) -> dict:
+        """The client's own-rank A and B per layer (under the layer's name), plus a shared head."""
+        rank = self.client_rank(cid)
+        own = model.spec(pair_names(model, rank))
+        spec = {f"{layer}.{m}": own[f"{layer}.lora_{m}{rank}"] for layer in model.layers for m in ("A", "B")}
+        return {**spec, **model.spec(self.shared_head(model))}
+
+    def aggregate(self, ups: list[tuple[Payload, int]], glob: Tensors, rnd: int,
+                  participants: list[int]) -> Tensors:
         new = dict(glob)
         stacked = self.stack(ups)
         for key, t in stacked.items():
@@ -184,7 +193,10 @@ class FLoRA(Method):
             heads = [({k: t for k, t in p.items() if is_head(k)}, n) for p, n in ups]
             new.update(weighted_mean(heads))
         new[ROUND] = torch.tensor(rnd)
-        oldest = min(self.first_unmerged(k, rnd) for k in range(self.cfg.partition.n_clients))
+        took_part = glob.get(TOOK_PART, torch.zeros(self.cfg.partition.n_clients, dtype=torch.int64)).clone()
+        took_part[participants] = rnd
+        new[TOOK_PART] = took_part
+        oldest = min(self.first_unmerged(new, k) for k in range(self.cfg.partition.n_clients))
         for key in [k for k in new if k.startswith(STACK)]:  # stacks every client has merged
             if int(key[len(STACK):].split(".", 1)[0]) < oldest:
                 del new[key]

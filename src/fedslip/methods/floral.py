@@ -33,13 +33,16 @@ which π_i can be computed is sent:
    the round's participants (arithmetic mod 2^64; each masked value alone is uniformly distributed). The
    server learns only S_c, a sum over clients, and checks Σ_c S_c = Σ_i n_i. In this simulation the
    pairwise mask seeds are derived from the run seed and the pair of client ids; they stand for the keys
-   each pair of clients agrees on (and the participant list, which the server announces). The server
-   side (`aggregate`) never derives them. With a single participant the sum is that client's load, as
-   with any secure aggregation;
+   each pair of clients agrees on. The server announces the round's cohort in the download. When a
+   client of the cohort drops out (or its upload is rejected), the survivors' masks with it do not
+   cancel: the server removes them (`recovered_masks`), standing for secure aggregation's recovery step,
+   in which survivors reveal shares of the dropped client's keys (that small extra message is not in the
+   ledger). Masks between survivors are never derived by the server. With a single participant the sum
+   is that client's load, as with any secure aggregation;
 3. the server adds θ_c ← θ_c + Σ_i n_i·upload_ic / S_c, which is the rule above.
 
-Per client and round, down: the K adaptors of every layer (+ head if shared); up: the same shapes
-(scaled updates) + K int64 masked loads (+ head if shared).
+Per client and round, down: the K adaptors of every layer (+ head if shared) + the cohort (int64 client
+ids); up: the same shapes (scaled updates) + K int64 masked loads (+ head if shared).
 
 Evaluation. Personalized: the client's own mixture. Global: the server has no mixture, so the global model
 is the uniform mixture (the logits' initial value); with K = 1 it is FedAvg's global model.
@@ -65,6 +68,7 @@ from fedslip.seeding import numpy_gen, torch_gen
 
 ROUTER_NOISE = 1.0  # FLoRAL's router noise_std: uniform [0, noise) added to the logits while training
 LOAD = "floral.masked_load"  # the masked fixed-point loads n_i·π_i (K int64) in an upload
+COHORT = "floral.cohort"  # the round's selected clients (int64 ids): server state and every download
 FRAC_BITS = 32  # fixed-point resolution of a load: 2^-32 of an example
 
 
@@ -74,6 +78,7 @@ class FLoRAL(Method):
     name = "floral"
     default_head = "shared"
     personalizes = True
+    uploads_deltas = True
 
     # --- model --------------------------------------------------------------------------------------
     def build(self, backbone: Backbone) -> AdaptedModel:
@@ -116,9 +121,17 @@ class FLoRAL(Method):
         state.tensors[self.router_name(model)] = torch.zeros(self.m.n_adaptors)
         return state
 
+    def open_round(self, glob: Tensors, rnd: int, cohort: list[int]) -> Tensors:
+        return {**glob, COHORT: torch.tensor(cohort, dtype=torch.int64)}
+
+    def upload_spec(self, model: AdaptedModel, glob: Tensors, cid: int, rnd: int) -> dict:
+        return {**super().upload_spec(model, glob, cid, rnd), LOAD: ((self.m.n_adaptors,), torch.int64)}
+
     # --- training -----------------------------------------------------------------------------------
     def local_update(self, model: AdaptedModel, down: Payload, client: ClientState, data: ClientData,
                      rnd: int) -> tuple[Payload, ClientState, dict[str, float]]:
+        cohort = down[COHORT].tolist()
+        down = without_cohort(down)
         model.load(self.client_view(model, down, client))
         adaptors = self.adaptor_names(model)
         head = self.trained_head(model)
@@ -146,42 +159,52 @@ class FLoRAL(Method):
             up[name] = (value - down[name]) * pi.view(-1, *[1] * (value.dim() - 1))
         if self.head == "shared":
             up.update(model.read(model.head_names))
-        up[LOAD] = self.masked_load(pi.double() * len(data), data.cid, rnd)
+        up[LOAD] = self.masked_load(pi.double() * len(data), data.cid, rnd, cohort)
         return up, client, {"loss": mean(losses)}
 
     # --- secure aggregation of the loads ------------------------------------------------------------
-    def participants(self, rnd: int) -> list[int]:
-        """The round's participant list (announced by the server in a real deployment)."""
-        from fedslip.federation.simulation import select_clients  # late: the engine imports the methods
-
-        return select_clients(self.cfg.partition.n_clients, self.t.client_fraction, self.t.seed, rnd)
-
     def pair_mask(self, i: int, j: int, rnd: int) -> np.ndarray:
         """The mask stream of the pair {i, j} in round rnd (stands for a key the two clients agree on)."""
         lo, hi = min(i, j), max(i, j)
         return numpy_gen(self.t.seed, "floral-secagg", lo, hi, rnd).integers(
             0, 2**64, size=self.m.n_adaptors, dtype=np.uint64)
 
-    def masked_load(self, load: torch.Tensor, cid: int, rnd: int) -> torch.Tensor:
-        """n_i·π_i in fixed point plus Σ_j ±mask_ij (mod 2^64): alone, a uniformly random vector."""
-        value = np.round(load.double().numpy() * 2.0**FRAC_BITS).astype(np.uint64)
-        for j in self.participants(rnd):
+    def masks_of(self, cid: int, others: list[int], rnd: int) -> np.ndarray:
+        """Σ_j ±mask_ij over the clients j in `others` (+ when cid < j), mod 2^64."""
+        total = np.zeros(self.m.n_adaptors, dtype=np.uint64)
+        for j in others:
             if j != cid:
                 mask = self.pair_mask(cid, j, rnd)
-                value = value + mask if cid < j else value - mask  # uint64 arithmetic wraps mod 2^64
-        return torch.from_numpy(value.view(np.int64).copy())
+                total = total + mask if cid < j else total - mask  # uint64 arithmetic wraps mod 2^64
+        return total
+
+    def masked_load(self, load: torch.Tensor, cid: int, rnd: int, cohort: list[int]) -> torch.Tensor:
+        """n_i·π_i in fixed point plus Σ_j ±mask_ij (mod 2^64): alone, a uniformly random vector."""
+        value = np.round(load.double().numpy() * 2.0**FRAC_BITS).astype(np.uint64)
+        return torch.from_numpy((value + self.masks_of(cid, cohort, rnd)).view(np.int64).copy())
+
+    def recovered_masks(self, survivors: list[int], dropped: list[int], rnd: int) -> np.ndarray:
+        """The survivors' masks with the dropped clients: they do not cancel, so the server removes them."""
+        total = np.zeros(self.m.n_adaptors, dtype=np.uint64)
+        for i in survivors:
+            total = total + self.masks_of(i, dropped, rnd)
+        return total
 
     @staticmethod
-    def unmask_sum(masked: list[torch.Tensor]) -> torch.Tensor:
-        """Σ_i masked_i mod 2^64, read back as fixed point: the total load of each adaptor."""
+    def unmask_sum(masked: list[torch.Tensor], residual: np.ndarray | None = None) -> torch.Tensor:
+        """Σ_i masked_i (− residual) mod 2^64, read back as fixed point: the total load of each adaptor."""
         total = np.zeros(masked[0].numel(), dtype=np.uint64)
         for m in masked:
             total = total + m.numpy().view(np.uint64)
+        if residual is not None:
+            total = total - residual
         return torch.from_numpy(total.astype(np.float64) / 2.0**FRAC_BITS)
 
     # --- server -------------------------------------------------------------------------------------
-    def aggregate(self, ups: list[tuple[Payload, int]], glob: Tensors, rnd: int) -> Tensors:
-        loads = self.unmask_sum([p[LOAD] for p, _ in ups])
+    def aggregate(self, ups: list[tuple[Payload, int]], glob: Tensors, rnd: int,
+                  participants: list[int]) -> Tensors:
+        dropped = [c for c in glob[COHORT].tolist() if c not in participants]
+        loads = self.unmask_sum([p[LOAD] for p, _ in ups], self.recovered_masks(participants, dropped, rnd))
         n_total = sum(n for _, n in ups)
         if abs(float(loads.sum()) - n_total) > 1e-6 * n_total:
             raise RuntimeError(f"floral: the masked loads do not sum to the {n_total} examples of round {rnd} "
@@ -202,6 +225,13 @@ class FLoRAL(Method):
     # --- evaluation ---------------------------------------------------------------------------------
     def global_view(self, model: AdaptedModel, glob: Tensors, client: ClientState) -> Tensors:
         """The federated adaptors under the uniform mixture (the server holds no mixture)."""
-        view = super().global_view(model, glob, client)
+        view = super().global_view(model, without_cohort(glob), client)
         view[self.router_name(model)] = torch.zeros(self.m.n_adaptors)
         return view
+
+    def personal_view(self, model: AdaptedModel, glob: Tensors, client: ClientState) -> Tensors:
+        return super().personal_view(model, without_cohort(glob), client)
+
+
+def without_cohort(tensors: Tensors) -> Tensors:
+    return {k: t for k, t in tensors.items() if k != COHORT}

@@ -40,8 +40,5 @@ class LocalOnly(Method):
         client.tensors.update(model.read(model.global_names))
         return up, client, metrics
 
-    def aggregate(self, ups: list[tuple[Payload, int]], glob: Tensors, rnd: int) -> Tensors:
-        return glob
-
     def global_view(self, model, glob, client):
         return None

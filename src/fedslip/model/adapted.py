@@ -82,9 +82,9 @@ class AdaptedModel:
             if isinstance(t, nn.Parameter):
                 t.requires_grad_(name in wanted)
 
-    @property
-    def names(self) -> list[str]:
-        return list(self._tensors)
+    def spec(self, names: list[str]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Shape and dtype of each named tensor (what an upload of them must look like)."""
+        return {n: (tuple(self._tensors[n].shape), self._tensors[n].dtype) for n in names}
 
     # --- initial values ---------------------------------------------------------------------------
     def init_track(self, track: str, generator: torch.Generator) -> Tensors:

@@ -15,7 +15,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from fedslip.federation.flower.records import pack_state, tensor_digest
+from fedslip.federation.client_state import pack_state, tensor_digest
 from fedslip.methods.base import ClientState
 
 

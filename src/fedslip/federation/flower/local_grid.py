@@ -118,16 +118,3 @@ class LocalGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))
 
-
-def run_local(run_config: dict, n_nodes: int, state_root=None, run_id: int = 1):
-    """Run the FedSLIP ServerApp against `n_nodes` in-process nodes; return (server, grid)."""
-    from pathlib import Path
-
-    from fedslip.federation.flower.app import FlowerServer, client_app, config_from_run
-
-    cfg = config_from_run(run_config)
-    nodes = [{"partition-id": k, "num-partitions": n_nodes,
-              **({"state-dir": str(Path(state_root) / f"node{k}")} if state_root else {})} for k in range(n_nodes)]
-    grid = LocalGrid(client_app, nodes, run_config, run_id=run_id, seed=cfg.train.seed)
-    server = FlowerServer(grid, cfg, run_config)
-    return server, grid

@@ -16,7 +16,7 @@ so only the strategy's `configure_train` bookkeeping (FedOpt's/FedAvgM's current
 ``proximal-mu``) and its `aggregate_train` are used.
 
 FedProx's ``proximal-mu`` replaces the method's proximal coefficient on the global track on the clients
-(`prox_override`). A method whose down payloads differ between clients, or whose uploads are not the same
+(`Method.set_proximal_mu`). A method whose down payloads differ between clients, or whose uploads are not the same
 tensors as its down payload, cannot use the adaptive strategies (FedOpt family, FedAvgM): they are defined
 as steps from "the arrays sent" to "the aggregate".
 """
@@ -126,9 +126,14 @@ class StrategyAggregation:
                             f"{sorted(unknown)[:3]}")
         return {**glob, **{k: v.to(glob[k].dtype) for k, v in new.items()}}
 
+    def __call__(self, ups: list[tuple[Payload, int]], glob: dict[str, torch.Tensor], rnd: int,
+                  participants: list[int]) -> dict[str, torch.Tensor]:
+        """The round protocol's aggregation step, as `Method.aggregate`."""
+        return self.aggregate(ups, glob, rnd)
+
     def aggregate(self, ups: list[tuple[Payload, int]], glob: dict[str, torch.Tensor], rnd: int,
                   sent: Payload | None = None) -> dict[str, torch.Tensor]:
-        """Aggregate (payload, n_examples) uploads, as the in-process engine hands them to a method."""
+        """Aggregate (payload, n_examples) uploads."""
         if not ups:
             return glob
         sent = sent if sent is not None else {k: glob[k] for k in ups[0][0]}
@@ -151,22 +156,3 @@ def replies_for(ups: list[tuple[Payload, int]], rnd: int) -> list:
                                        METRICS: MetricRecord({"num-examples": int(n)})}), reply_to=ins))
     return out
 
-
-def prox_override(method, mu: float) -> None:
-    """Use `mu` as the proximal coefficient of the method's global step (FedProx strategy on the clients)."""
-    method.prox_mu = lambda: mu
-    method.m.mu = mu
-    method.m.fedavg_mu = mu
-
-
-def with_strategy(method):
-    """Route `method.aggregate` through its configured Flower strategy (for the in-process engine too)."""
-    spec = getattr(method.cfg.method, "strategy", "method") or "method"
-    agg = StrategyAggregation(spec) if parse_spec(spec)[0] != "method" else None
-    if agg is None:
-        return method
-    if "proximal_mu" in vars(agg.strategy):
-        prox_override(method, float(agg.strategy.proximal_mu))
-    method.aggregate = lambda ups, glob, rnd: agg.aggregate(ups, glob, rnd)
-    method.strategy_aggregation = agg
-    return method

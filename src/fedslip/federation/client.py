@@ -1,0 +1,66 @@
+"""A client's side of every round, written once: both transports call `ClientSide.handle`.
+
+Randomness comes from the root seed per (purpose, client, round), so a client's numbers do not depend on
+which other clients ran before it, nor on the transport. A request that asks for an evaluation is
+evaluated on the model as received, before the client trains on it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedslip.config import Config
+from fedslip.evaluation.metrics import group_accuracy
+from fedslip.federation.exchange import TRAIN, Answer, EvalAsk, Payload, Request
+from fedslip.methods.base import ClientData, ClientState, Method
+from fedslip.model.adapted import AdaptedModel
+from fedslip.prepare import Prepared
+from fedslip.seeding import derive, numpy_gen, torch_gen
+
+
+class ClientSide:
+    def __init__(self, cfg: Config, prep: Prepared, method: Method, model: AdaptedModel):
+        self.cfg, self.prep, self.method, self.model = cfg, prep, method, model
+        self.seed = cfg.train.seed
+
+    def fresh_state(self, cid: int) -> ClientState:
+        return self.method.init_client(self.model, cid, torch_gen(self.seed, "client", cid))
+
+    def data(self, cid: int, rnd: int) -> ClientData:
+        return ClientData(cid, self.prep.train, self.prep.split.train[cid], self.cfg.train.batch_size,
+                          numpy_gen(self.seed, "batches", cid, rnd))
+
+    def handle(self, req: Request, state: ClientState) -> tuple[Answer, ClientState]:
+        """Evaluate what was received if asked, then train on it if it is a train request."""
+        if "proximal-mu" in req.config:  # Flower's FedProx strategy: its μ replaces the method's own
+            self.method.set_proximal_mu(float(req.config["proximal-mu"]))
+        answer = Answer()
+        if req.evaluate is not None:
+            answer.evaluation = self.evaluate(req.cid, req.payload, state, req.evaluate)
+        if req.kind == TRAIN:
+            torch.manual_seed(derive(self.seed, "dropout", req.cid, req.round))
+            data = self.data(req.cid, req.round)
+            answer.upload, state, metrics = self.method.local_update(self.model, req.payload, state, data, req.round)
+            answer.metrics = {"num-examples": len(data), **{k: float(v) for k, v in metrics.items()}}
+        return answer, state
+
+    def evaluate(self, cid: int, down: Payload, state: ClientState, ask: EvalAsk) -> dict[str, float]:
+        method, model, prep = self.method, self.model, self.prep
+        bs = self.cfg.train.eval_batch_size
+        own = prep.split.test[cid]
+        out: dict[str, float] = {}
+        view = method.global_view(model, down, state)
+        if view is not None:
+            if ask.global_test:
+                out["global-acc"], out["client-acc"] = group_accuracy(
+                    model, view, "global", prep.test, [prep.split.global_test, own], bs)
+            else:
+                out["client-acc"] = group_accuracy(model, view, "global", prep.test, [own], bs)[0]
+        if method.personalizes:
+            out["personal-acc"] = group_accuracy(model, method.personal_view(model, down, state), "both",
+                                                 prep.test, [own], bs)[0]
+        if ask.kstep and hasattr(method, "kstep_view") and self.cfg.method.kstep:
+            torch.manual_seed(derive(self.seed, "kstep-dropout", cid))
+            kview = method.kstep_view(model, down, state, self.data(cid, 0))
+            out["kstep-acc"] = group_accuracy(model, kview, "global", prep.test, [own], bs)[0]
+        return out

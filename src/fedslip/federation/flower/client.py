@@ -1,0 +1,131 @@
+"""The ClientApp's side: a Flower Message becomes a `Request` for the shared `ClientSide`, its `Answer` a reply.
+
+A node's private state (`ClientState`) lives in its `Context.state` and, when the node config has
+`state-dir`, in `<state-dir>/run-<run_id>-partition-<k>.safetensors` after every round it trained, so a
+restarted SuperNode resumes with its private track. It is never put in a message. `<state-dir>/events.jsonl`
+records saves and resumes with value digests of the private tensors, for the audit (`audit.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+
+from fedslip.errors import UserError
+from fedslip.federation.client_state import load_state_file, save_state_file, state_digest
+from fedslip.federation.exchange import EVALUATE, TRAIN, Answer, EvalAsk, Request
+from fedslip.federation.flower.audit import private_fingerprints
+from fedslip.federation.flower.mods import partition_of
+from fedslip.federation.flower.records import (ARRAYS, CONFIG, EVALUATION, METRICS, payload_to_record,
+                                               record_to_payload, state_from_context, state_to_context)
+from fedslip.methods.base import ClientState
+
+log = logging.getLogger("flwr")
+INFO = "info"  # the ConfigRecord of a query reply
+
+
+def partition(context: Context, n_clients: int | None = None) -> int:
+    pid = partition_of(context)
+    if pid < 0:
+        raise UserError("this SuperNode has no partition: start it with "
+                        "--node-config 'partition-id=K num-partitions=N'")
+    n = context.node_config.get("num-partitions")
+    if n_clients is not None and (pid >= n_clients or (n is not None and int(n) != n_clients)):
+        raise UserError(f"node partition-id={pid} num-partitions={n} does not fit partition.n_clients={n_clients}")
+    return pid
+
+
+def query_reply(msg: Message, context: Context) -> Message:
+    info = {"partition-id": partition(context),
+            "num-partitions": int(context.node_config.get("num-partitions", -1))}
+    return Message(RecordDict({INFO: ConfigRecord(info)}), reply_to=msg)
+
+
+# --- messages <-> the shared exchange records ------------------------------------------------------------
+def request_message(req: Request, node: int) -> Message:
+    config = {"server-round": req.round, "partition-id": req.cid, **req.config}
+    if req.evaluate is not None:
+        config.update({"eval-round": req.evaluate.round, "global-test": req.evaluate.global_test,
+                       "kstep": req.evaluate.kstep})
+    content = RecordDict({ARRAYS: payload_to_record(req.payload), CONFIG: ConfigRecord(config)})
+    kind = MessageType.TRAIN if req.kind == TRAIN else MessageType.EVALUATE
+    return Message(content, node, kind, group_id=str(req.round))
+
+
+def message_request(msg: Message, pid: int) -> Request:
+    config = dict(msg.content[CONFIG])
+    if int(config.get("partition-id", pid)) != pid:
+        raise UserError(f"message for partition {config['partition-id']} reached partition {pid}")
+    ask = None
+    if "eval-round" in config:
+        ask = EvalAsk(int(config["eval-round"]), bool(config["global-test"]), bool(config["kstep"]))
+    extra = {k: v for k, v in config.items()
+             if k not in ("server-round", "partition-id", "eval-round", "global-test", "kstep")}
+    kind = TRAIN if msg.metadata.message_type == MessageType.TRAIN else EVALUATE
+    return Request(kind, pid, int(config["server-round"]), record_to_payload(msg.content[ARRAYS]), ask, extra)
+
+
+def answer_content(answer: Answer) -> RecordDict:
+    content = RecordDict({METRICS: MetricRecord(answer.metrics or {"num-examples": 0})})
+    if answer.upload is not None:
+        content[ARRAYS] = payload_to_record(answer.upload)
+    if answer.evaluation is not None:
+        content[EVALUATION] = ConfigRecord({k: float(v) for k, v in answer.evaluation.items()})
+    return content
+
+
+def content_answer(content: RecordDict) -> Answer:
+    """The answer in a reply (the upload decoded here; a malformed array raises)."""
+    upload = record_to_payload(content[ARRAYS]) if ARRAYS in content.array_records else None
+    evaluation = dict(content[EVALUATION]) if EVALUATION in content.config_records else None
+    return Answer(upload, dict(content[METRICS]), evaluation)
+
+
+# --- the node's private state -----------------------------------------------------------------------------
+def state_file(context: Context, pid: int) -> Path | None:
+    folder = context.node_config.get("state-dir")
+    return Path(str(folder)) / f"run-{context.run_id}-partition-{pid}.safetensors" if folder else None
+
+
+def _event(context: Context, **row) -> None:
+    folder = context.node_config.get("state-dir")
+    if folder:
+        Path(str(folder)).mkdir(parents=True, exist_ok=True)
+        with open(Path(str(folder)) / "events.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"time": time.time(), "run_id": int(context.run_id), **row}) + "\n")
+
+
+def load_client_state(side, context: Context, pid: int) -> ClientState:
+    """The node's private state: from Context.state, else from its disk (a restarted node), else fresh."""
+    got = state_from_context(context)
+    if got is None and (path := state_file(context, pid)) is not None:
+        got = load_state_file(path)
+        if got is not None:
+            state, meta = got
+            _event(context, event="resume", partition=pid, round=int(meta["round"]), digest=state_digest(state))
+            log.info("partition %d: resumed private state of round %s from %s", pid, meta["round"], path)
+    return got[0] if got is not None else side.fresh_state(pid)
+
+
+def store_client_state(context: Context, pid: int, state: ClientState, rnd: int) -> None:
+    meta = {"round": rnd, "partition-id": pid}
+    state_to_context(context, state, meta)
+    if (path := state_file(context, pid)) is not None:
+        save_state_file(path, state, meta)
+        _event(context, event="save", partition=pid, round=rnd, digest=state_digest(state),
+               private=private_fingerprints(state))
+
+
+def handle(side, n_clients: int, msg: Message, context: Context) -> Message:
+    """Train and evaluate messages alike: the shared client side, the state kept on the node."""
+    pid = partition(context, n_clients)
+    req = message_request(msg, pid)
+    state = load_client_state(side, context, pid)
+    answer, state = side.handle(req, state)
+    if req.kind == TRAIN:
+        store_client_state(context, pid, state, req.round)
+    return Message(answer_content(answer), reply_to=msg)

@@ -1,0 +1,216 @@
+"""The round, written once: select → down → exchange → ledger → check uploads → aggregate → evaluate → records.
+
+Both runtimes run this loop; they differ only in the transport that carries requests to clients
+(`inprocess.InProcessTransport`: calls on `ClientSide`; `flower.server.FlowerTransport`: Messages to
+nodes). Methods learn who took part from `aggregate(..., participants)`: the clients whose uploads
+arrived and passed the checks, never a replay of the sampling.
+
+Evaluation of round t rides on round t+1's downloads, which are exactly round t's global model; a client
+that gets none (not selected, or failed) and every client after the last round get an evaluation-only
+download, which the ledger counts with kind "eval".
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import numpy as np
+
+from fedslip.evaluation.metrics import summarize
+from fedslip.evaluation.records import ClientRecord, MethodResult, RoundRecord
+from fedslip.federation.checks import size_problem, upload_problem
+from fedslip.federation.exchange import EVALUATE, TRAIN, EvalAsk, Payload, Reply, Request, Transport
+from fedslip.federation.ledger import Ledger
+from fedslip.federation.payload import encode
+from fedslip.methods.base import Method, mean
+from fedslip.model.adapted import AdaptedModel
+from fedslip.prepare import Prepared
+from fedslip.progress import NullProgress
+from fedslip.seeding import numpy_gen, torch_gen
+
+
+def select_clients(n_clients: int, fraction: float, seed: int, rnd: int) -> list[int]:
+    m = max(1, round(fraction * n_clients))
+    if m >= n_clients:
+        return list(range(n_clients))
+    return sorted(int(c) for c in numpy_gen(seed, "select", rnd).choice(n_clients, m, replace=False))
+
+
+def warn(message: str) -> None:
+    print(f"fedslip: warning: {message}", file=sys.stderr)
+
+
+def strategy_aggregation(method: Method):
+    """The Flower strategy `method.strategy` as an aggregation step, or None for the method's own rule."""
+    spec = method.cfg.method.strategy or "method"
+    if spec == "method":
+        return None
+    from fedslip.federation.flower.strategies import StrategyAggregation
+
+    agg = StrategyAggregation(spec)
+    if "proximal_mu" in vars(agg.strategy):
+        method.set_proximal_mu(float(agg.strategy.proximal_mu))
+    return agg
+
+
+class RoundProtocol:
+    def __init__(self, prep: Prepared, method: Method, model: AdaptedModel, transport: Transport, progress=None):
+        self.prep, self.method, self.model, self.transport = prep, method, model, transport
+        self.cfg = method.cfg
+        self.seed = self.cfg.train.seed
+        self.progress = progress or NullProgress()
+        self.n_clients = len(prep.split.train)
+        self.glob = method.init_global(model, torch_gen(self.seed, "global"))
+        self.ledger = Ledger(method.name)
+        self.aggregation = strategy_aggregation(method)
+        self.pending: RoundRecord | None = None  # a round awaiting its evaluation
+        self.kstep: dict[int, float] = {}
+
+    # --- one round ------------------------------------------------------------------------------------
+    def run_round(self, rnd: int) -> RoundRecord:
+        method, t = self.method, self.cfg.train
+        selected = select_clients(self.n_clients, t.client_fraction, self.seed, rnd)
+        before = self.glob  # the previous round's global model: what a pending evaluation scores
+        glob = method.open_round(self.glob, rnd, selected)
+        downs = {cid: method.down_payload(glob, cid) for cid in selected}
+        config = self.aggregation.configure(rnd, downs[selected[0]], len(selected)) if self.aggregation else {}
+        asks = self._asks(self.pending.round, selected, final=False) if self.pending else {}
+        requests = [Request(TRAIN, cid, rnd, downs[cid], asks.get(cid), config) for cid in selected]
+        replies = self._exchange(requests, f"round {rnd} clients")
+        record = RoundRecord(round=rnd, train_loss=float("nan"), mib_round=0.0, mib_cumulative=0.0)
+        ups, participants, losses, answers = [], [], [], {}
+        for cid in selected:
+            reply = replies[cid]
+            self.ledger.record(rnd, cid, "down", downs[cid], len(encode(downs[cid])), reply.down_wire)
+            if reply.answer is not None and reply.answer.evaluation is not None:
+                answers[cid] = reply.answer.evaluation
+            accepted = self._accept(rnd, cid, reply, downs[cid], glob, record)
+            if accepted is not None:
+                ups.append((accepted, int(reply.answer.metrics["num-examples"])))
+                participants.append(cid)
+                losses.append(float(reply.answer.metrics["loss"]))
+        if self.pending:
+            missing = {k: ask for k, ask in asks.items() if k not in answers}
+            answers.update(self._evaluate_only(self.pending.round, before, missing))
+            self._fill(self.pending, answers)
+            self.pending = None
+        if method.communicates and ups:
+            self.glob = (self.aggregation or method.aggregate)(ups, glob, rnd, participants)
+        else:
+            self.glob = glob  # nothing arrived: the global model stays as it was
+        record.participants = participants
+        record.train_loss = mean(losses)
+        record.mib_round = self.ledger.mib_round(rnd)
+        record.mib_cumulative = sum(self.ledger.mib_round(r) for r in range(1, rnd + 1))
+        if rnd % t.eval_every == 0 or rnd == method.rounds():
+            self.pending = record
+        return record
+
+    def _accept(self, rnd: int, cid: int, reply: Reply, down: Payload, glob, record: RoundRecord) -> Payload | None:
+        """The upload if it passes the checks; otherwise a ledger row and one warning line saying why."""
+        if reply.answer is None:
+            self.ledger.record(rnd, cid, "up", {}, 0, status="failed", note=reply.error)
+            record.failed.append(cid)
+            warn(f"{self.method.name} round {rnd}: client {cid} failed ({reply.error}); "
+                 "aggregating the others")
+            return None
+        up = reply.answer.upload or {}
+        spec = self.method.upload_spec(self.model, glob, cid, rnd)
+        problem = reply.error or size_problem(reply.up_bytes, spec) or upload_problem(
+            up, spec, {} if self.method.uploads_deltas else down, self.cfg.train.max_update_norm)
+        self.ledger.record(rnd, cid, "up", up, reply.up_bytes, reply.up_wire,
+                           status="rejected" if problem else "ok", note=problem)
+        if problem:
+            record.rejected.append(cid)
+            warn(f"{self.method.name} round {rnd}: upload of client {cid} rejected: {problem}")
+            return None
+        return up
+
+    # --- evaluation -----------------------------------------------------------------------------------
+    def _asks(self, rnd: int, riders: list[int], final: bool) -> dict[int, EvalAsk]:
+        """One ask per client; the balanced global test goes to one client (every client with a local head)."""
+        scorer = min(riders) if riders else 0
+        local_head = self.method.head == "local"
+        return {k: EvalAsk(rnd, global_test=local_head or k == scorer, kstep=final) for k in range(self.n_clients)}
+
+    def _evaluate_only(self, rnd: int, glob, asks: dict[int, EvalAsk]) -> dict[int, dict[str, float]]:
+        if not asks:
+            return {}
+        downs = {cid: self.method.down_payload(glob, cid) for cid in asks}
+        requests = [Request(EVALUATE, cid, rnd, downs[cid], ask) for cid, ask in asks.items()]
+        replies = self._exchange(requests, f"round {rnd} evaluation")
+        out = {}
+        for cid in asks:
+            reply = replies[cid]
+            self.ledger.record(rnd, cid, "down", downs[cid], len(encode(downs[cid])), reply.down_wire, kind="eval")
+            if reply.answer is not None and reply.answer.evaluation is not None:
+                out[cid] = reply.answer.evaluation
+            else:
+                warn(f"{self.method.name} round {rnd}: client {cid} did not evaluate ({reply.error})")
+        return out
+
+    def _fill(self, record: RoundRecord, answers: dict[int, dict[str, float]]) -> None:
+        nan = float("nan")
+
+        def per_client(key: str) -> list[float]:
+            return [float(answers[k][key]) if k in answers and key in answers[k] else nan
+                    for k in range(self.n_clients)]
+
+        if not any("client-acc" in a for a in answers.values()):
+            record.global_acc, record.client_acc = None, None
+        else:
+            scores = [float(answers[k]["global-acc"]) for k in sorted(answers) if "global-acc" in answers[k]]
+            record.global_acc = float(np.mean(scores)) if scores else None
+            record.client_acc = per_client("client-acc")
+        record.personal_acc = per_client("personal-acc") if self.method.personalizes else record.client_acc
+        record.eval_mib = self.ledger.mib_round(record.round, kind="eval")
+        record.evaluated = True
+        self.kstep = {k: float(a["kstep-acc"]) for k, a in answers.items() if "kstep-acc" in a}
+
+    def finish(self) -> None:
+        """Evaluate the last round (every client gets the final model, with K-step where the method has it)."""
+        if self.pending:
+            rnd = self.pending.round
+            self._fill(self.pending, self._evaluate_only(rnd, self.glob, self._asks(rnd, [], final=True)))
+            self.pending = None
+
+    def _exchange(self, requests: list[Request], label: str) -> dict[int, Reply]:
+        bar = self.progress.task(label, len(requests))
+        try:
+            return self.transport.exchange(requests, bar.advance)
+        finally:
+            bar.done()
+
+    # --- a whole run ----------------------------------------------------------------------------------
+    def run(self) -> tuple[MethodResult, Ledger]:
+        start = time.perf_counter()
+        result = MethodResult(method=self.method.name)
+        rounds = self.method.rounds()
+        bar = self.progress.task(f"{self.method.name}: rounds", rounds)
+        shown = None
+        for rnd in range(1, rounds + 1):
+            result.rounds.append(self.run_round(rnd))
+            if rnd == rounds:
+                self.finish()
+            shown = next((r for r in reversed(result.rounds) if r.evaluated), shown)
+            bar.advance(result.rounds[-1], shown)
+        bar.done()
+        result.clients = self.client_records(result.rounds[-1])
+        result.wall_time_s = time.perf_counter() - start
+        result.final = summarize(result, self.ledger)
+        return result, self.ledger
+
+    def client_records(self, last: RoundRecord) -> list[ClientRecord]:
+        prep = self.prep
+        return [ClientRecord(client=k, n_train=len(prep.split.train[k]), n_test=len(prep.split.test[k]),
+                             dominant_label=prep.clients[k]["dominant_label"],
+                             client_acc=_finite(last.client_acc[k]) if last.client_acc else None,
+                             personal_acc=_finite(last.personal_acc[k]) if last.personal_acc else None,
+                             kstep_acc=self.kstep.get(k))
+                for k in range(self.n_clients)]
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or math.isnan(x) else x
