@@ -11,7 +11,7 @@ import pytest
 
 from flower_util import run_config
 
-from fedslip.federation.flower import deploy
+from fedslip.federation.flower import loopback as deploy
 from fedslip.federation.flower.runtime import config_from_run
 from fedslip.federation.inprocess import Simulation
 from fedslip.flower_cli import run_simulation

@@ -55,7 +55,9 @@ def _rounds_rows(results: list[MethodResult]) -> list[dict]:
     for res in results:
         for r in res.rounds:
             row = {"method": res.method, "round": r.round, "train_loss": r.train_loss, "mib_round": r.mib_round,
-                   "mib_cumulative": r.mib_cumulative, "evaluated": r.evaluated, "global_acc": r.global_acc}
+                   "mib_cumulative": r.mib_cumulative, "eval_mib": r.eval_mib,
+                   "failed": " ".join(map(str, r.failed)), "rejected": " ".join(map(str, r.rejected)),
+                   "evaluated": r.evaluated, "global_acc": r.global_acc}
             for key in ("client_acc", "personal_acc"):
                 values = getattr(r, key)
                 row[f"{key}_mean"] = sum(values) / len(values) if values else None

@@ -17,7 +17,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, 
 
 from fedslip.errors import UserError
 from fedslip.federation.client_state import load_state_file, save_state_file, state_digest
-from fedslip.federation.exchange import EVALUATE, TRAIN, Answer, EvalAsk, Request
+from fedslip.federation.exchange import EVALUATE, TRAIN, Answer, EvalAsk, Payload, Request
 from fedslip.federation.flower.audit import private_fingerprints
 from fedslip.federation.flower.mods import partition_of
 from fedslip.federation.flower.records import (ARRAYS, CONFIG, EVALUATION, METRICS, payload_to_record,
@@ -79,10 +79,14 @@ def answer_content(answer: Answer) -> RecordDict:
 
 
 def content_answer(content: RecordDict) -> Answer:
-    """The answer in a reply (the upload decoded here; a malformed array raises)."""
-    upload = record_to_payload(content[ARRAYS]) if ARRAYS in content.array_records else None
+    """The answer in a reply, without its upload (`upload_of`)."""
     evaluation = dict(content[EVALUATION]) if EVALUATION in content.config_records else None
-    return Answer(upload, dict(content[METRICS]), evaluation)
+    return Answer(None, dict(content[METRICS]), evaluation)
+
+
+def upload_of(content: RecordDict) -> Payload | None:
+    """The upload in a reply, decoded (a malformed array raises)."""
+    return record_to_payload(content[ARRAYS]) if ARRAYS in content.array_records else None
 
 
 # --- the node's private state -----------------------------------------------------------------------------

@@ -8,6 +8,9 @@ a ClientApp exception becomes an error reply as on a real SuperNode. Used by the
 Nodes can be killed (`kill`: still listed as connected, as on a SuperLink before the node's heartbeat
 expires, but never answering) and replaced by a fresh node for the same partition (`restart`: new node
 id, empty `Context.state`, same node config, so the same state folder; the old node disappears).
+`drops(partition, round)` makes a node ignore that round's train message (a transient failure), and
+`alter(partition, message, reply) -> reply` changes a reply before it crosses the wire (tests craft bad
+uploads with it).
 """
 
 from __future__ import annotations
@@ -43,8 +46,10 @@ def over_the_wire(msg: Message) -> Message:
 
 
 class LocalGrid(Grid):
-    def __init__(self, client_app, node_configs: list[dict], run_config: dict, run_id: int = 1, seed: int = 0):
+    def __init__(self, client_app, node_configs: list[dict], run_config: dict, run_id: int = 1, seed: int = 0,
+                 drops=None, alter=None):
         ensure_task_identity(run_id)
+        self.drops, self.alter = drops, alter
         self.client_app, self.run_config, self.run_id = client_app, dict(run_config), run_id
         self._run = Run.create_empty(run_id)
         self._rng = random.Random(seed)
@@ -77,6 +82,12 @@ class LocalGrid(Grid):
         self.offline.add(old)
         return self._add(self.contexts[old].node_config)
 
+    def _drops(self, msg: Message, node: int) -> bool:
+        if self.drops is None or msg.metadata.message_type != "train":
+            return False
+        partition = int(self.contexts[node].node_config.get("partition-id", -1))
+        return bool(self.drops(partition, int(msg.metadata.group_id)))
+
     # --- Grid -------------------------------------------------------------------------------------
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -98,7 +109,7 @@ class LocalGrid(Grid):
             msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             ids.append(msg.metadata.message_id)
             node = msg.metadata.dst_node_id
-            if node in self.offline or node in self.silent or node not in self.contexts:
+            if node in self.offline or node in self.silent or node not in self.contexts or self._drops(msg, node):
                 continue  # never answered: the server's timeout handles it
             received = over_the_wire(msg)
             try:
@@ -106,6 +117,8 @@ class LocalGrid(Grid):
             except Exception as e:  # noqa: BLE001 - a ClientApp failure is an error reply on a real SuperNode
                 reply = Message(Error(code=1, reason=f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"),
                                 reply_to=received)
+            if self.alter is not None and not reply.has_error():
+                reply = self.alter(int(self.contexts[node].node_config.get("partition-id", -1)), received, reply)
             reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             arrived = over_the_wire(reply)
             self.delivered.append((received, arrived))

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -52,8 +53,14 @@ def record_to_payload(record) -> Payload:
 
 # --- sizes ----------------------------------------------------------------------------------------------
 def payload_bytes(record) -> int:
-    """Bytes of the record's tensors in the project's payload encoding (the ledger's measure)."""
-    return len(encode(record_to_payload(record))) if record is not None and len(record) else 0
+    """Bytes of the record's tensors in the project's payload encoding (the ledger's measure); for a record
+    whose arrays do not decode (a malformed upload), the bytes of their raw data."""
+    if record is None or not len(record):
+        return 0
+    try:
+        return len(encode(record_to_payload(record)))
+    except ValueError:
+        return sum(len(a.data) for a in record.values())
 
 
 def flower_bytes(obj) -> int:
@@ -71,7 +78,7 @@ def describe_message(msg, direction: str) -> dict[str, Any]:
     arrays = {}
     for rec in (content.array_records.values() if content is not None else []):
         for name, array in rec.items():
-            arrays[name] = tensor_digest(torch.from_numpy(np.array(array.numpy(), copy=True)))
+            arrays[name] = array_digest(array)
     return {
         "direction": direction,
         "kind": msg.metadata.message_type,
@@ -83,6 +90,14 @@ def describe_message(msg, direction: str) -> dict[str, Any]:
         "arrays": arrays,
         "error": msg.error.reason if msg.has_error() else "",
     }
+
+
+def array_digest(array) -> str:
+    """The value digest of an Array (`tensor_digest`), or of its raw bytes when they do not decode."""
+    try:
+        return tensor_digest(torch.from_numpy(np.array(array.numpy(), copy=True)))
+    except ValueError:
+        return "raw:" + hashlib.sha256(array.data).hexdigest()[:28]
 
 
 def _group_round(group_id: str) -> int:

@@ -20,8 +20,9 @@ from flwr.serverapp import Grid
 
 from fedslip.errors import UserError
 from fedslip.federation.exchange import Reply, Request
-from fedslip.federation.flower.client import INFO, content_answer, request_message
-from fedslip.federation.flower.records import CONFIG, WIRE, describe_message, flower_bytes, payload_to_record
+from fedslip.federation.flower.client import INFO, content_answer, request_message, upload_of
+from fedslip.federation.flower.records import (ARRAYS, CONFIG, WIRE, describe_message, flower_bytes, payload_bytes,
+                                               payload_to_record)
 from fedslip.federation.flower.runtime import RUN_DEFAULTS, runtime_for
 from fedslip.federation.payload import encode
 from fedslip.federation.protocol import RoundProtocol
@@ -58,11 +59,13 @@ class FlowerTransport:
             return Reply(req.cid, error=reason, down_wire=flower_bytes(payload_to_record(req.payload)))
         wire = msg.content[WIRE] if WIRE in msg.content.config_records else {}
         down_wire, up_wire = int(wire.get("down-bytes", 0)), int(wire.get("up-bytes", 0))
+        answer = content_answer(msg.content)
         try:
-            answer = content_answer(msg.content)
-        except Exception as e:  # noqa: BLE001 - a malformed upload is the client's fault, not the server's
-            return Reply(req.cid, error=f"upload could not be decoded: {type(e).__name__}: {e}",
-                         down_wire=down_wire, up_wire=up_wire, raw=msg)
+            answer.upload = upload_of(msg.content)
+        except Exception as e:  # noqa: BLE001 - a malformed upload is the client's fault: rejected, not raised
+            return Reply(req.cid, answer, error=f"upload could not be decoded: {type(e).__name__}: {e}",
+                         up_bytes=payload_bytes(msg.content.array_records.get(ARRAYS)), down_wire=down_wire,
+                         up_wire=up_wire, raw=msg)
         up_bytes = len(encode(answer.upload)) if answer.upload else 0
         return Reply(req.cid, answer, up_bytes=up_bytes, down_wire=down_wire, up_wire=up_wire, raw=msg)
 
