@@ -8,7 +8,7 @@ import pytest
 
 from fedslip.evaluation.figures import build_figure, plot_results
 from fedslip.evaluation.records import ClientRecord, MethodResult, RoundRecord
-from fedslip.evaluation.tables import COLUMNS, OPTIONAL, comparison_rows, final_table_markdown, to_csv, to_markdown
+from fedslip.evaluation.tables import COLUMNS, OPTIONAL, ZERO_HIDDEN, comparison_rows, final_table_markdown, to_csv, to_markdown
 
 N_CLIENTS = 4
 N_ROUNDS = 4
@@ -47,6 +47,9 @@ def _method(name: str, *, mib: float, global_model: bool, personal: bool, kstep:
         "mib_per_round": mib,
         "mib_total": mib * N_ROUNDS,
         "up_params": 12345.0 if mib else 0.0,
+        "eval_mib_per_round": mib / 4,
+        "failed_uploads": 2 if name == "fedslip" else 0,
+        "rejected_uploads": 0,
     }
     return MethodResult(method=name, rounds=rounds, clients=clients, final=final, wall_time_s=12.34 + base)
 
@@ -59,7 +62,8 @@ def _local() -> MethodResult:
                             personal_acc=0.5 + 0.05 * c) for c in range(N_CLIENTS)]
     final = {"global_acc": None, "client_acc_mean": None, "personal_acc_mean": 0.575,
              "personal_acc_weighted": 0.57, "personal_acc_worst": 0.5, "kstep_acc_mean": None,
-             "train_loss": 0.9, "mib_per_round": 0.0, "mib_total": 0.0, "up_params": 0.0}
+             "train_loss": 0.9, "mib_per_round": 0.0, "mib_total": 0.0, "up_params": 0.0,
+             "eval_mib_per_round": 0.0, "failed_uploads": 0, "rejected_uploads": 0}
     return MethodResult(method="local", rounds=rounds, clients=clients, final=final, wall_time_s=3.0)
 
 
@@ -90,6 +94,9 @@ def test_markdown_has_one_row_per_method_with_formatted_numbers(results):
             if key in OPTIONAL and not any(key in r.final for r in results):
                 assert title not in header, key  # measured by no run: no column
                 continue
+            if key in ZERO_HIDDEN and not any(r.final.get(key) for r in results):
+                assert title not in header, key  # nothing failed or was rejected: no column
+                continue
             value = res.wall_time_s if key == "wall_time_s" else res.final.get(key)
             if value is None:
                 expected = "—"
@@ -97,7 +104,7 @@ def test_markdown_has_one_row_per_method_with_formatted_numbers(results):
                 expected = f"{100 * value:.1f}"
             elif "mib" in key:
                 expected = f"{value:.3f}"
-            elif key == "up_params":
+            elif key in ("up_params", "failed_uploads", "rejected_uploads"):
                 expected = f"{int(value):,}"
             else:
                 expected = f"{value:.1f}"

@@ -48,8 +48,11 @@ COLUMNS: list[tuple[str, str, Callable[[float], str]]] = [
     ("kstep_acc_mean", "K-step acc mean (%)", _pct),
     ("mib_per_round", "MiB/round", _mib),
     ("mib_total", "MiB total", _mib),
+    ("eval_mib_per_round", "Eval MiB/round", _mib),
     ("wire_mib_per_round", "Flower MiB/round", _mib),
     ("up_params", "Up params/client-round", _count),
+    ("failed_uploads", "Failed uploads", _count),
+    ("rejected_uploads", "Rejected uploads", _count),
     ("wall_time_s", "Wall time (s)", _seconds),
 ]
 
@@ -66,15 +69,20 @@ FINAL_METRICS: list[tuple[str, str, Callable[[float], str]]] = [
     ("kstep_acc_weighted", "K-step accuracy, weighted (%)", _pct),
     ("kstep_acc_worst", "K-step accuracy, worst (%)", _pct),
     ("train_loss", "Training loss (last round)", _plain),
-    ("mib_per_round", "MiB per round (up + down)", _mib),
+    ("mib_per_round", "MiB per round (training, up + down)", _mib),
     ("mib_total", "MiB total", _mib),
+    ("eval_mib_per_round", "MiB per round of evaluation-only downloads", _mib),
     ("wire_mib_per_round", "MiB per round as Flower serialized it", _mib),
     ("wire_mib_total", "MiB total as Flower serialized it", _mib),
     ("up_params", "Uploaded parameters per client-round", _count),
+    ("failed_uploads", "Uploads that never arrived (failed clients)", _count),
+    ("rejected_uploads", "Uploads rejected by the server's checks", _count),
 ]
 
 # Columns that only some runtimes measure: left out of a Markdown table where no row has them.
 OPTIONAL = {"wire_mib_per_round"}
+# Columns left out of a Markdown table where every row has 0 (a run without failures).
+ZERO_HIDDEN = {"failed_uploads", "rejected_uploads"}
 
 
 def comparison_rows(results: Sequence[MethodResult]) -> list[dict]:
@@ -105,7 +113,8 @@ def _md_table(header: list[str], body: list[list[str]], align: list[str]) -> str
 
 def to_markdown(rows: Sequence[dict]) -> str:
     """GitHub table of `comparison_rows`: accuracies as % with one decimal, MiB with three, — for None."""
-    columns = [c for c in COLUMNS if c[0] not in OPTIONAL or any(row.get(c[0]) is not None for row in rows)]
+    columns = [c for c in COLUMNS if (c[0] not in OPTIONAL or any(row.get(c[0]) is not None for row in rows))
+               and (c[0] not in ZERO_HIDDEN or any(row.get(c[0]) for row in rows))]
     header = ["Method"] + [title for _, title, _ in columns]
     body = [[_md_text(row["method"])] + [_cell(row.get(key), fmt) for key, _, fmt in columns] for row in rows]
     return _md_table(header, body, [":---"] + ["---:"] * len(columns))
