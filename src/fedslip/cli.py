@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--methods", default="local,fedavg,dualtrack-naive,fedslip",
                       help="comma-separated method names, or 'all'")
     sub.add_parser("methods", help="list the available methods")
+    split = sub.add_parser("split", help="write each client's files of the split (for nodes that read only their own)")
+    add_common(split)
     from fedslip.flower_cli import add_commands
 
     add_commands(sub, add_common)
@@ -67,6 +69,26 @@ def _execute(args, methods: list[str], out: Path) -> int:
     return 0
 
 
+def _split(args) -> int:
+    from fedslip.data.client_files import write_client_files
+    from fedslip.data.partition import make_split
+    from fedslip.data.sources import load_data
+    from fedslip.evaluation.outputs import staged
+
+    cfg = config_from_args(args, None)
+    out = out_dir(args, "runs/split")
+    data = load_data(cfg.data)
+    split = make_split(data, cfg.partition, cfg.train.seed)
+    with staged(out) as stage:
+        write_client_files(data, split, stage)
+    names = ", ".join(f'"{n}"' for n in data.label_names)
+    print(f"wrote {out}/: client0..{len(split.train) - 1}/train.csv, test.csv, global_test.csv")
+    print(f"run config: node-data = true, overrides = \"data.label_names=[{names}]\"")
+    print(f"node k: --node-config 'partition-id=k num-partitions={len(split.train)} "
+          f"train-file=\"{out.resolve()}/clientk/train.csv\" test-file=\"{out.resolve()}/clientk/test.csv\"'")
+    return 0
+
+
 def _need_flower(strategy: str) -> None:
     from fedslip.federation.flower.strategies import parse_spec
 
@@ -90,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                 doc = cls.__doc__ or sys.modules[cls.__module__].__doc__ or ""
                 print(f"{name:18s} {(doc.strip().splitlines() or [''])[0]}")
             return 0
+        if args.command == "split":
+            return _split(args)
         if args.command == "run":
             methods = method_list(args.method or "fedslip")
             return _execute(args, methods[:1], out_dir(args, f"runs/{methods[0]}"))

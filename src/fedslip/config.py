@@ -28,6 +28,7 @@ class DataConfig:
     text_columns: list[str] = field(default_factory=lambda: ["text"])
     label_column: str = "label"
     num_classes: int | None = None  # None: inferred from the training labels
+    label_names: list[str] | None = None  # the label set in class order (None: sorted names, or 0..C-1)
     hf_name: str = "fancyzhx/ag_news"  # source = "hf": any hub dataset with text/label columns
     synthetic_per_class: int = 300  # source = "synthetic": examples per class in each split
 
@@ -231,6 +232,10 @@ def validate(cfg: Config) -> None:
     need(0 < d.test_fraction < 1, f"data.test_fraction = {d.test_fraction}: must be in (0, 1)")
     need(len(d.text_columns) > 0, "data.text_columns must name at least one column")
     need(d.num_classes is None or d.num_classes >= 2, f"data.num_classes = {d.num_classes}: must be >= 2")
+    need(d.label_names is None or len(set(d.label_names)) == len(d.label_names) >= 2,
+         f"data.label_names = {d.label_names}: at least 2 distinct names")
+    need(d.label_names is None or d.num_classes in (None, len(d.label_names or [])),
+         f"data.num_classes = {d.num_classes} but data.label_names has {len(d.label_names or [])} names")
     need(p.scheme in ("dominant", "dirichlet", "pathological", "iid"),
          f"partition.scheme = {p.scheme!r}: expected dominant, dirichlet, pathological or iid")
     need(p.n_clients >= 1, f"partition.n_clients = {p.n_clients}: must be >= 1")

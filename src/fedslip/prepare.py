@@ -1,13 +1,19 @@
 """Everything a run needs before training, built once and shared by every method of a comparison:
-data, the client split, the frozen backbone, and token ids of exactly the examples the split uses."""
+data, the client split, the frozen backbone, and token ids of exactly the examples the split uses.
+
+`prepare` splits one dataset across the clients (simulation, loopback deployments). In a real federation
+each node holds only its own files (`prepare_node`) and the server holds no data at all (`prepare_server`).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import datasets
 import numpy as np
 
 from fedslip.config import Config
+from fedslip.errors import UserError
 from fedslip.data.batching import Encoded
 from fedslip.data.partition import Split, describe_split, make_split
 from fedslip.data.sources import TextData, load_data
@@ -17,7 +23,7 @@ from fedslip.model.backbone import Backbone, load_backbone
 @dataclass
 class Prepared:
     cfg: Config
-    data: TextData
+    data: TextData | None  # None on a server that holds no data
     split: Split  # indices into `train` / `test` below (not into data.train / data.test)
     clients: list[dict]  # describe_split: sizes, label counts, dominant label per client
     backbone: Backbone
@@ -37,7 +43,10 @@ def _encode_used(dataset, groups: list[np.ndarray], backbone: Backbone, max_leng
 
 def prepare(cfg: Config) -> Prepared:
     data = load_data(cfg.data)
-    split = make_split(data, cfg.partition, cfg.train.seed)
+    return _finish(cfg, data, make_split(data, cfg.partition, cfg.train.seed))
+
+
+def _finish(cfg: Config, data: TextData, split: Split) -> Prepared:
     clients = describe_split(data, split)
     backbone = load_backbone(cfg.model.backbone, data.num_classes, cfg.train.seed, cfg.model.backbone_dropout)
     n = len(split.train)
@@ -45,3 +54,41 @@ def prepare(cfg: Config) -> Prepared:
     test, test_groups = _encode_used(data.test, [split.global_test, *split.test], backbone, cfg.model.max_length)
     local = Split(train=train_groups, test=test_groups[1:1 + n], global_test=test_groups[0])
     return Prepared(cfg, data, local, clients, backbone, train, test)
+
+
+def prepare_node(cfg: Config, pid: int, train_file: str, test_file: str | None = None,
+                 global_test_file: str | None = None) -> Prepared:
+    """Client `pid`'s own files (csv or jsonl, the run's data.text_columns / label_column) and nothing else.
+
+    Labels map through `data.label_names`, the label set every node is told, so class ids agree across
+    nodes. Without a test file, `data.test_fraction` of the training file is held out. A node given the
+    balanced global test file scores it too."""
+    if not cfg.data.label_names:
+        raise UserError("nodes that read their own files need data.label_names: the label set, in class order, "
+                        "that every node shares")
+    source = "jsonl" if train_file.endswith(".jsonl") else "csv"
+    data = load_data(replace(cfg.data, source=source, train_file=train_file, test_file=test_file or None))
+    n_global = 0
+    if global_test_file:
+        extra = load_data(replace(cfg.data, source=source, train_file=train_file, test_file=global_test_file))
+        n_global = len(extra.test)
+        data = replace(data, test=datasets.concatenate_datasets([data.test, extra.test]))
+    n_own = len(data.test) - n_global
+    empty = np.zeros(0, dtype=np.int64)
+    n = cfg.partition.n_clients
+    split = Split(train=[np.arange(len(data.train)) if k == pid else empty for k in range(n)],
+                  test=[np.arange(n_own) if k == pid else empty for k in range(n)],
+                  global_test=np.arange(n_own, n_own + n_global))
+    return _finish(cfg, data, split)
+
+
+def prepare_server(cfg: Config) -> Prepared:
+    """A server that holds no data: the backbone (data.label_names gives the classes) and an empty split;
+    the clients' sizes come from the nodes."""
+    if not cfg.data.label_names:
+        raise UserError("a server whose nodes hold the data needs data.label_names (the label set, in class order)")
+    n, empty = cfg.partition.n_clients, np.zeros(0, dtype=np.int64)
+    backbone = load_backbone(cfg.model.backbone, len(cfg.data.label_names), cfg.train.seed,
+                             cfg.model.backbone_dropout)
+    clients = [{"client": k, "n_train": 0, "n_test": 0, "dominant_label": None} for k in range(n)]
+    return Prepared(cfg, None, Split([empty] * n, [empty] * n, empty), clients, backbone, None, None)

@@ -170,7 +170,7 @@ def _load_files(cfg: DataConfig) -> TextData:
     else:
         test_texts, test_raw, test_lines = [], [], []
     files = {"train": cfg.train_file, "test": cfg.test_file or cfg.train_file}
-    train_ids, test_ids, names = encode_labels(train_raw, test_raw, cfg.num_classes, files)
+    train_ids, test_ids, names = encode_labels(train_raw, test_raw, cfg.num_classes, files, cfg.label_names)
     if cfg.test_file:
         _warn_test_only(train_ids, test_ids, test_lines, names, files, "line")
     else:
@@ -342,10 +342,13 @@ def _as_int(v) -> int | None:
     return None
 
 
-def encode_labels(train: list, test: list, num_classes: int | None,
-                  files: dict[str, str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def encode_labels(train: list, test: list, num_classes: int | None, files: dict[str, str],
+                  label_names: list[str] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Integer labels are used as they are (range 0..num_classes-1, num_classes = the given one or max+1);
-    otherwise the sorted distinct label names become 0..n-1. Returns (train ids, test ids, label names)."""
+    otherwise the sorted distinct label names become 0..n-1. A given label set (`label_names`, which nodes
+    holding only their own files must share) fixes the order instead. Returns (train ids, test ids, names)."""
+    if label_names:
+        return _by_given_names(train, test, files, label_names)
     everything = list(train) + list(test)
     ints = [_as_int(v) for v in everything]
     if all(i is not None for i in ints):
@@ -368,6 +371,24 @@ def encode_labels(train: list, test: list, num_classes: int | None,
     if len(names) < 2:
         raise UserError(f"{files['train']}: only one class ({names[0]}); need at least 2 labels")
     return ids[:len(train)], ids[len(train):], names
+
+
+def _by_given_names(train: list, test: list, files: dict[str, str], names: list[str]):
+    index = {name: i for i, name in enumerate(names)}
+    out = []
+    for split, values in (("train", train), ("test", test)):
+        ids = []
+        for v in values:
+            key = str(v).strip()
+            if key not in index:
+                as_int = _as_int(v)
+                if as_int is None or not 0 <= as_int < len(names):
+                    raise UserError(f"{files[split]}: label {key!r} is not in data.label_names "
+                                    f"({', '.join(names[:10])}); fix the label or the label set")
+                key = names[as_int]
+            ids.append(index[key])
+        out.append(np.asarray(ids, dtype=np.int64))
+    return out[0], out[1], list(names)
 
 
 def stratified_holdout(labels: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:

@@ -85,7 +85,7 @@ def write_outputs(out: Path, prep: Prepared, runs: list[tuple[MethodResult, Ledg
             "config": prep.cfg.to_dict(),
             "seed": prep.cfg.train.seed,
             "environment": environment(),
-            "data": prep.data.description,
+            "data": data_description(prep),
             "backbone": {"name": prep.backbone.name, "source": prep.backbone.source},
             "clients": prep.clients,
             "wall_time_s": wall_time_s,
@@ -102,7 +102,11 @@ def write_outputs(out: Path, prep: Prepared, runs: list[tuple[MethodResult, Ledg
         plot_results(results, stage / "figure.png", title=_title(prep))
 
 
+def data_description(prep: Prepared) -> str:
+    return prep.data.description if prep.data is not None else "each node's own files (node-data)"
+
+
 def _title(prep: Prepared) -> str:
     p, t = prep.cfg.partition, prep.cfg.train
-    return (f"{prep.data.description} · {p.n_clients} clients ({p.scheme}) · {prep.backbone.name} · "
+    return (f"{data_description(prep)} · {p.n_clients} clients ({p.scheme}) · {prep.backbone.name} · "
             f"{t.rounds} rounds × {t.local_epochs} epochs · seed {t.seed}")

@@ -51,7 +51,7 @@ class ClientSide:
         out: dict[str, float] = {}
         view = method.global_view(model, down, state)
         if view is not None:
-            if ask.global_test:
+            if ask.global_test and len(prep.split.global_test):
                 out["global-acc"], out["client-acc"] = group_accuracy(
                     model, view, "global", prep.test, [prep.split.global_test, own], bs)
             else:

@@ -67,6 +67,7 @@ class RoundProtocol:
         self.aggregation = strategy_aggregation(method)
         self.pending: RoundRecord | None = None  # a round awaiting its evaluation
         self.kstep: dict[int, float] = {}
+        self.global_test_everywhere = False  # every client scores the global test set it may hold
 
     # --- one round ------------------------------------------------------------------------------------
     def run_round(self, rnd: int) -> RoundRecord:
@@ -132,8 +133,8 @@ class RoundProtocol:
     def _asks(self, rnd: int, riders: list[int], final: bool) -> dict[int, EvalAsk]:
         """One ask per client; the balanced global test goes to one client (every client with a local head)."""
         scorer = min(riders) if riders else 0
-        local_head = self.method.head == "local"
-        return {k: EvalAsk(rnd, global_test=local_head or k == scorer, kstep=final) for k in range(self.n_clients)}
+        everyone = self.method.head == "local" or self.global_test_everywhere
+        return {k: EvalAsk(rnd, global_test=everyone or k == scorer, kstep=final) for k in range(self.n_clients)}
 
     def _evaluate_only(self, rnd: int, glob, asks: dict[int, EvalAsk]) -> dict[int, dict[str, float]]:
         if not asks:
@@ -204,7 +205,7 @@ class RoundProtocol:
 
     def client_records(self, last: RoundRecord) -> list[ClientRecord]:
         prep = self.prep
-        return [ClientRecord(client=k, n_train=len(prep.split.train[k]), n_test=len(prep.split.test[k]),
+        return [ClientRecord(client=k, n_train=prep.clients[k]["n_train"], n_test=prep.clients[k]["n_test"],
                              dominant_label=prep.clients[k]["dominant_label"],
                              client_acc=_finite(last.client_acc[k]) if last.client_acc else None,
                              personal_acc=_finite(last.personal_acc[k]) if last.personal_acc else None,

@@ -33,7 +33,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedslip.federation.flower import client
 from fedslip.federation.flower.mods import wire_mod
-from fedslip.federation.flower.runtime import RUN_DEFAULTS, config_from_run, runtime_for
+from fedslip.errors import UserError
+from fedslip.federation.flower.runtime import RUN_DEFAULTS, config_from_run, node_data, runtime_for
 from fedslip.federation.flower.server import FlowerServer
 
 log = logging.getLogger("flwr")
@@ -42,20 +43,27 @@ client_app = ClientApp(mods=[wire_mod])
 server_app = ServerApp()
 
 
+def node_runtime(context: Context):
+    if node_data(context.run_config) and "train-file" not in context.node_config:
+        raise UserError("the run has node-data = true: start this SuperNode with its own files, --node-config "
+                        "'partition-id=K num-partitions=N train-file=\"...\" test-file=\"...\"'")
+    return runtime_for(config_from_run(context.run_config), node_config=context.node_config)
+
+
 @client_app.query()
 def client_query(msg: Message, context: Context) -> Message:
-    return client.query_reply(msg, context)
+    return client.query_reply(node_runtime(context), msg, context)
 
 
 @client_app.train()
 def client_train(msg: Message, context: Context) -> Message:
-    rt = runtime_for(config_from_run(context.run_config))
+    rt = node_runtime(context)
     return client.handle(rt.side, rt.n_clients, msg, context)
 
 
 @client_app.evaluate()
 def client_evaluate(msg: Message, context: Context) -> Message:
-    rt = runtime_for(config_from_run(context.run_config))
+    rt = node_runtime(context)
     return client.handle(rt.side, rt.n_clients, msg, context)
 
 

@@ -39,9 +39,13 @@ def partition(context: Context, n_clients: int | None = None) -> int:
     return pid
 
 
-def query_reply(msg: Message, context: Context) -> Message:
-    info = {"partition-id": partition(context),
-            "num-partitions": int(context.node_config.get("num-partitions", -1))}
+def query_reply(rt, msg: Message, context: Context) -> Message:
+    """The node's partition and its data's sizes (the server holds no data in a node-data run)."""
+    pid = partition(context, rt.n_clients)
+    own = rt.prep.clients[pid]
+    info = {"partition-id": pid, "num-partitions": int(context.node_config.get("num-partitions", -1)),
+            "n-train": int(own["n_train"]), "n-test": int(own["n_test"]),
+            "dominant-label": int(own["dominant_label"])}
     return Message(RecordDict({INFO: ConfigRecord(info)}), reply_to=msg)
 
 

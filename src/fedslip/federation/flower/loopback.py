@@ -37,6 +37,7 @@ from typing import Any
 
 import fedslip
 from fedslip.errors import UserError
+from fedslip.federation.flower.runtime import RUN_DEFAULTS
 from fedslip.federation.flower.tls import make_node_keys, make_tls
 
 # --- the Flower app ---------------------------------------------------------------------------------------
@@ -44,8 +45,7 @@ from fedslip.federation.flower.tls import make_node_keys, make_tls
 # pyproject.toml (keep them the same; tests/test_flower_app_dir.py compares them).
 APP_COMPONENTS = {"serverapp": "fedslip.federation.flower.app:server_app",
                   "clientapp": "fedslip.federation.flower.app:client_app"}
-APP_CONFIG: dict[str, Any] = {"preset": "quick", "method": "fedslip", "config-file": "", "overrides": "",
-                              "out": "runs/flower", "min-available": 0, "round-timeout": 600.0}
+APP_CONFIG: dict[str, Any] = {**RUN_DEFAULTS, "preset": "quick"}
 APP_DIR_NAME = "fedslip-app"  # letters and hyphens: a valid Flower app name, and not an importable package
 
 

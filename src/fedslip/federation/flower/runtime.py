@@ -11,11 +11,15 @@ import json
 from typing import Any
 
 from fedslip.config import Config, load_config
+from fedslip.errors import UserError
 from fedslip.federation.client import ClientSide
 from fedslip.methods import METHODS
 
 RUN_DEFAULTS: dict[str, Any] = {"preset": "", "method": "fedslip", "config-file": "", "overrides": "",
-                                "out": "runs/flower", "min-available": 0, "round-timeout": 600.0}
+                                "out": "runs/flower", "min-available": 0, "round-timeout": 600.0,
+                                "node-data": False}
+# Node config keys of a SuperNode that reads only its own files (run config node-data = true)
+NODE_FILES = ("train-file", "test-file", "global-test-file")
 
 
 def split_overrides(text: str) -> list[str]:
@@ -28,12 +32,26 @@ def config_from_run(run_config) -> Config:
                        split_overrides(str(rc["overrides"])))
 
 
+def node_data(run_config) -> bool:
+    return bool({**RUN_DEFAULTS, **dict(run_config)}["node-data"])
+
+
 class Runtime:
-    def __init__(self, cfg: Config, prep=None):
-        from fedslip.prepare import prepare
+    """`files`: a node's own files by NODE_FILES key (node-data runs); `server`: the server of such a run."""
+
+    def __init__(self, cfg: Config, prep=None, files: dict[str, str] | None = None, pid: int = -1,
+                 server: bool = False):
+        from fedslip.prepare import prepare, prepare_node, prepare_server
 
         self.cfg = cfg
-        self.prep = prep if prep is not None else prepare(cfg)
+        if prep is None:
+            if server:
+                prep = prepare_server(cfg)
+            elif files is not None:
+                prep = prepare_node(cfg, pid, files["train-file"], files.get("test-file"), files.get("global-test-file"))
+            else:
+                prep = prepare(cfg)
+        self.prep = prep
         self.method = METHODS[cfg.method.name](cfg)
         self.model = self.method.build(self.prep.backbone)
         self.side = ClientSide(cfg, self.prep, self.method, self.model)
@@ -41,12 +59,20 @@ class Runtime:
 
 
 _RUNTIMES: dict[str, Runtime] = {}
+KEEP = 8  # runtimes kept per process (one per node when in-process nodes each read their own files)
 
 
-def runtime_for(cfg: Config, prep=None) -> Runtime:
-    """The process's Runtime for `cfg` (built once; `prep` reuses an already prepared run of the same data)."""
-    key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+def runtime_for(cfg: Config, prep=None, node_config=None, server: bool = False) -> Runtime:
+    """The process's Runtime for `cfg` (built once; `prep` reuses an already prepared run of the same data).
+
+    With `node_config` holding a node's own files, the runtime holds that node's data only."""
+    files = {k: str(v) for k, v in dict(node_config or {}).items() if k in NODE_FILES and str(v)} or None
+    if files is not None and "train-file" not in files:
+        raise UserError(f"node config names {', '.join(files)} but no train-file")
+    pid = int(dict(node_config or {}).get("partition-id", -1))
+    key = json.dumps([cfg.to_dict(), files, pid if files else None, server], sort_keys=True, default=str)
     if key not in _RUNTIMES:
-        _RUNTIMES.clear()  # one config per process at a time: a new run frees the previous one
-        _RUNTIMES[key] = Runtime(cfg, prep)
+        while len(_RUNTIMES) >= KEEP:
+            del _RUNTIMES[next(iter(_RUNTIMES))]
+        _RUNTIMES[key] = Runtime(cfg, prep, files, pid, server)
     return _RUNTIMES[key]

@@ -39,6 +39,7 @@ class FlowerTransport:
         self.partition_node: dict[int, int] = {}
         self.node_partition: dict[int, int] = {}
         self.failures: list[dict] = []
+        self.node_info: dict[int, dict] = {}  # partition -> sizes and dominant label, as the node reported
 
     def exchange(self, requests: list[Request], tick: Callable[[], None] = lambda: None) -> dict[int, Reply]:
         self.refresh_nodes(self.min_available, self.timeout)
@@ -124,6 +125,8 @@ class FlowerTransport:
             if old is not None and old != node:  # a restarted node: the newest connection wins
                 self.node_partition.pop(old, None)
             self.partition_node[pid], self.node_partition[node] = node, pid
+            self.node_info[pid] = {"n_train": int(info["n-train"]), "n_test": int(info["n-test"]),
+                                   "dominant_label": int(info["dominant-label"])}
 
 
 class FlowerServer(RoundProtocol):
@@ -131,10 +134,16 @@ class FlowerServer(RoundProtocol):
 
     def __init__(self, grid: Grid, cfg, run_config=None, rt=None):
         rc = {**RUN_DEFAULTS, **dict(run_config or {})}
-        rt = rt or runtime_for(cfg)
+        rt = rt or runtime_for(cfg, server=bool(rc["node-data"]))
         transport = FlowerTransport(grid, rt.n_clients, int(rc["min-available"]) or rt.n_clients,
                                     float(rc["round-timeout"]))
         super().__init__(rt.prep, rt.method, rt.model, transport)
+        self.global_test_everywhere = bool(rc["node-data"])  # whichever nodes hold the global test file
+
+    def client_records(self, last):
+        for pid, info in self.transport.node_info.items():  # what each node reported of its own data
+            self.prep.clients[pid].update(info)
+        return super().client_records(last)
 
     @property
     def wire(self) -> list[dict]:
