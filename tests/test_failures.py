@@ -130,7 +130,7 @@ def test_outputs_say_who_failed(tiny_prep, tmp_path):
 def test_flower_nodes_that_do_not_answer_give_the_same_run(tiny_prep, tmp_path, name):
     """The same failures as nodes that never answer their train message: same states, ledger, accuracies."""
     pytest.importorskip("flwr", reason="the Flower runtime needs the `flower` extra: pip install -e '.[flower]'")
-    from flower_util import assert_same_state, flower_run, ledger_rows, snapshot_rounds
+    from flower_util import assert_same_state, flower_run, snapshot_rounds
 
     sections = {"train": {"rounds": 3}, "method": {"kstep": False}}
     cfg = tiny_config(name, train={"rounds": 3, "failures": SCHEDULE}, method={"kstep": False})

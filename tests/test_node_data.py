@@ -75,7 +75,7 @@ def test_node_data_run_matches_the_split_run_and_the_server_reads_no_data(tiny_p
 
 
 def test_a_node_data_node_without_files_is_one_clear_error(tmp_path):
-    from flwr.app import Context, Message, MessageType, RecordDict, ConfigRecord
+    from flwr.app import Context, RecordDict
 
     from flower_util import run_config
     from fedslip.errors import UserError

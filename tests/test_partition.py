@@ -10,7 +10,8 @@ import pytest
 
 from fedslip.config import DataConfig, PartitionConfig
 from fedslip.data.partition import DominantLabelPartitioner, describe_split, make_split
-from fedslip.data.sources import TextData, load_data, make_dataset
+from fedslip.data.sources import load_data
+from fedslip.data.text import TextData, make_dataset
 from fedslip.errors import UserError
 
 from conftest import ag_news_dir

@@ -44,7 +44,7 @@ def _execute(args, methods: list[str], out: Path) -> int:
     from fedslip.evaluation.outputs import write_outputs
     from fedslip.evaluation.tables import comparison_rows, to_markdown
     from fedslip.federation.inprocess import Simulation
-    from fedslip.methods import METHODS
+    from fedslip.methods import method_for
     from fedslip.prepare import prepare
     from fedslip.progress import NullProgress, RichProgress
 
@@ -62,7 +62,7 @@ def _execute(args, methods: list[str], out: Path) -> int:
         for name in methods:
             run_cfg = copy.deepcopy(cfg)
             run_cfg.method.name = name
-            runs.append(Simulation(prep, METHODS[name](run_cfg), progress).run())
+            runs.append(Simulation(prep, method_for(run_cfg), progress).run())
     write_outputs(out, prep, runs, time.perf_counter() - start)
     print(to_markdown(comparison_rows([r for r, _ in runs])))
     console.print(f"wrote {out}/: results.json rounds.csv clients.csv ledger.csv comparison.md comparison.csv figure.png")

@@ -16,7 +16,8 @@ from fedslip.config import Config
 from fedslip.errors import UserError
 from fedslip.data.batching import Encoded
 from fedslip.data.partition import Split, describe_split, make_split
-from fedslip.data.sources import TextData, load_data
+from fedslip.data.sources import load_data
+from fedslip.data.text import TextData
 from fedslip.model.backbone import Backbone, load_backbone
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from fedslip.data.partition import Split
-from fedslip.data.sources import TextData
+from fedslip.data.text import TextData
 
 
 def _write(path: Path, dataset, idx: np.ndarray, names: list[str]) -> None:

@@ -23,7 +23,7 @@ from flwr_datasets.partitioner import (DirichletPartitioner, IidPartitioner, Par
                                        PathologicalPartitioner)
 
 from fedslip.config import PartitionConfig
-from fedslip.data.sources import TextData
+from fedslip.data.text import TextData
 from fedslip.errors import UserError
 
 DIRICHLET_MIN_PARTITION_SIZE = 10  # flwr resamples (up to 10 times) until every client has this many

@@ -18,30 +18,21 @@ import os
 import re
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import numpy as np
 
 from fedslip.config import DataConfig
+from fedslip.data.synthetic import load_synthetic
+from fedslip.data.text import TextData, make_dataset
 from fedslip.errors import UserError
 from fedslip.hub import hub_reachable
 
 AG_NEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 DATA_DIR_ENV = "FEDSLIP_DATA_DIR"
 HOLDOUT_SEED = 0  # fixed: the train/test hold-out must not move when the run seed changes
-FEATURES = datasets.Features({"text": datasets.Value("string"), "label": datasets.Value("int64")})
 _INT_RE = re.compile(r"[+-]?\d+")
-
-
-@dataclass
-class TextData:
-    train: datasets.Dataset
-    test: datasets.Dataset
-    label_names: list[str]
-    num_classes: int
-    description: str
 
 
 def load_data(cfg: DataConfig) -> TextData:
@@ -53,15 +44,8 @@ def load_data(cfg: DataConfig) -> TextData:
     if cfg.source == "hf":
         return _load_hub(cfg)
     if cfg.source == "synthetic":
-        from fedslip.data.synthetic import load_synthetic  # late: synthetic imports TextData from here
-
         return load_synthetic(cfg)
     raise UserError(f"data.source = {cfg.source!r}: expected ag_news, csv, jsonl, hf or synthetic")
-
-
-def make_dataset(texts: list[str], labels: list[int] | np.ndarray) -> datasets.Dataset:
-    return datasets.Dataset.from_dict({"text": list(texts), "label": [int(x) for x in labels]},
-                                      features=FEATURES)
 
 
 # ---------------------------------------------------------------- AG News

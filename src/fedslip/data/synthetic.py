@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedslip.config import DataConfig
-from fedslip.data.sources import TextData, make_dataset
+from fedslip.data.text import TextData, make_dataset
 from fedslip.errors import UserError
 
 DEFAULT_CLASSES = 4

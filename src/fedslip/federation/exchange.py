@@ -55,6 +55,7 @@ class Reply:
     cid: int
     answer: Answer | None = None  # None: the client failed (no reply, or an error reply)
     error: str = ""  # why it failed, or why its upload could not be decoded
+    delivered: bool = True  # False: the request never left the server (no node for the client)
     up_bytes: int = 0  # length of the upload in the project's encoding (the ledger's bytes)
     down_wire: int | None = None  # Flower's serialized bytes of the payload in and out (Flower only)
     up_wire: int | None = None

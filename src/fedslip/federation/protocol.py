@@ -84,7 +84,8 @@ class RoundProtocol:
         ups, participants, losses, answers = [], [], [], {}
         for cid in selected:
             reply = replies[cid]
-            self.ledger.record(rnd, cid, "down", downs[cid], len(encode(downs[cid])), reply.down_wire)
+            if reply.delivered:
+                self.ledger.record(rnd, cid, "down", downs[cid], len(encode(downs[cid])), reply.down_wire)
             if reply.answer is not None and reply.answer.evaluation is not None:
                 answers[cid] = reply.answer.evaluation
             accepted = self._accept(rnd, cid, reply, downs[cid], glob, record)
@@ -145,7 +146,9 @@ class RoundProtocol:
         out = {}
         for cid in asks:
             reply = replies[cid]
-            self.ledger.record(rnd, cid, "down", downs[cid], len(encode(downs[cid])), reply.down_wire, kind="eval")
+            if reply.delivered:
+                self.ledger.record(rnd, cid, "down", downs[cid], len(encode(downs[cid])), reply.down_wire,
+                                   kind="eval")
             if reply.answer is not None and reply.answer.evaluation is not None:
                 out[cid] = reply.answer.evaluation
             else:

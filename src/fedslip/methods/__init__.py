@@ -19,3 +19,12 @@ METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (LocalOnly, FedAvg,
                                                              FedSA, FedSARsLoRA, FedSAVeRA, FFALoRA,
                                                              FLoRAL, PFedLoRA, FLoRA, FedSB)}
 
+
+
+def method_for(cfg) -> Method:
+    """The method `cfg.method.name` names, built for `cfg`; an unknown name is one clear line."""
+    if cfg.method.name not in METHODS:
+        from fedslip.errors import UserError
+
+        raise UserError(f"unknown method {cfg.method.name!r} (known: {', '.join(METHODS)})")
+    return METHODS[cfg.method.name](cfg)

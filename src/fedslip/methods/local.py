@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fedslip.methods.base import ClientState, Method, Payload
+from fedslip.methods.base import ClientState, Method
 from fedslip.model.adapted import AdaptedModel, Tensors
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from fedslip.config import Config, load_config
 from fedslip.errors import UserError
 from fedslip.federation.client import ClientSide
-from fedslip.methods import METHODS
+from fedslip.methods import METHODS, method_for
 
 RUN_DEFAULTS: dict[str, Any] = {"preset": "", "method": "fedslip", "config-file": "", "overrides": "",
                                 "out": "runs/flower", "min-available": 0, "round-timeout": 600.0,
@@ -28,8 +28,11 @@ def split_overrides(text: str) -> list[str]:
 
 def config_from_run(run_config) -> Config:
     rc = {**RUN_DEFAULTS, **dict(run_config)}
-    return load_config(str(rc["config-file"]) or None, str(rc["preset"]) or None, str(rc["method"]) or None,
-                       split_overrides(str(rc["overrides"])))
+    cfg = load_config(str(rc["config-file"]) or None, str(rc["preset"]) or None, str(rc["method"]) or None,
+                      split_overrides(str(rc["overrides"])))
+    if cfg.method.name not in METHODS:
+        raise UserError(f"unknown method {cfg.method.name!r} (known: {', '.join(METHODS)})")
+    return cfg
 
 
 def node_data(run_config) -> bool:
@@ -52,7 +55,7 @@ class Runtime:
             else:
                 prep = prepare(cfg)
         self.prep = prep
-        self.method = METHODS[cfg.method.name](cfg)
+        self.method = method_for(cfg)
         self.model = self.method.build(self.prep.backbone)
         self.side = ClientSide(cfg, self.prep, self.method, self.model)
         self.n_clients = len(self.prep.split.train)

@@ -56,6 +56,8 @@ class FlowerTransport:
         return out
 
     def _reply(self, req: Request, msg: Message | None, reason: str) -> Reply:
+        if req.cid not in self.partition_node:
+            return Reply(req.cid, error=reason, delivered=False)
         if msg is None:
             return Reply(req.cid, error=reason, down_wire=flower_bytes(payload_to_record(req.payload)))
         wire = msg.content[WIRE] if WIRE in msg.content.config_records else {}
