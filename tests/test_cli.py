@@ -16,7 +16,7 @@ from conftest import ag_news_dir
 TINY_SETS = ["data.source=\"synthetic\"", "data.synthetic_per_class=40", "partition.n_train=24",
              "partition.n_test=12", "partition.n_global_test=6", "model.backbone=\"tiny-random:bert\"",
              "model.max_length=24", "train.rounds=2", "train.batch_size=8", "train.local_only_epochs=1",
-             "method.warmup_rounds=1", "method.r_p=4", "method.r_g=2"]
+             "method.warmup_rounds=1", "method.r_p=4", "method.r_g=2", "train.precision=\"fp32\""]
 
 
 def sets(extra=()):

@@ -169,3 +169,18 @@ def test_flower_scheme_errors():
     data40 = with_test(100, 40)
     with pytest.raises(UserError, match="partition: test needs .* after the 35-per-class global test set"):
         make_split(data40, PartitionConfig(scheme="iid", n_clients=4, n_train=50, n_test=30, n_global_test=35), 0)
+
+
+def test_cap_keeps_at_most_max_train_per_client_in_proportion():
+    data = with_test(200, 40)
+    full = make_split(data, PartitionConfig(scheme="dirichlet", n_clients=3, n_test=10, n_global_test=10), 0)
+    cap = 30
+    split = make_split(data, PartitionConfig(scheme="dirichlet", n_clients=3, n_test=10, n_global_test=10,
+                                             max_train_per_client=cap), 0)
+    for whole, part in zip(full.train, split.train):
+        assert len(part) == min(cap, len(whole)) and set(part) <= set(whole)
+        if len(whole) > cap:  # label proportions kept (largest remainder: within one example per class)
+            got = np.array(label_counts(data.train, part, 4))
+            share = np.array(label_counts(data.train, whole, 4)) * cap / len(whole)
+            assert np.all(np.abs(got - share) < 1.0 + 1e-9)
+    assert_disjoint(split)

@@ -55,7 +55,8 @@ def _execute(args, methods: list[str], out: Path) -> int:
     start = time.perf_counter()
     prep = prepare(cfg)
     console.print(f"data: {prep.data.description}; backbone: {prep.backbone.name} ({prep.backbone.source}); "
-                  f"{len(prep.split.train)} clients, train sizes {[len(s) for s in prep.split.train]}")
+                  f"{len(prep.split.train)} clients, training on {[len(s) for s in prep.split.train]} examples")
+    console.print(f"device: {describe_placement(prep.backbone.placement.info)}")
     runs = []
     progress = NullProgress() if args.quiet else RichProgress()
     with progress if not args.quiet else nullcontext():
@@ -87,6 +88,15 @@ def _split(args) -> int:
     print(f"node k: --node-config 'partition-id=k num-partitions={len(split.train)} "
           f"train-file=\"{out.resolve()}/clientk/train.csv\" test-file=\"{out.resolve()}/clientk/test.csv\"'")
     return 0
+
+
+def describe_placement(info: dict) -> str:
+    text = f"{info['device']}, {info['precision']}"
+    if "probe" in info:
+        p = info["probe"]
+        text += (f" (precision auto: matmul fp32 {p['fp32_gflops']:.0f} GFLOP/s, bf16 {p['bf16_gflops']:.0f} "
+                 f"GFLOP/s, x{p['bf16_speedup']:.2f})")
+    return text
 
 
 def _need_flower(strategy: str) -> None:

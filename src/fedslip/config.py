@@ -43,6 +43,7 @@ class PartitionConfig:
     n_global_test: int = 400  # per class, disjoint from every client's test set
     alpha: float = 0.5  # dirichlet concentration
     classes_per_client: int = 2  # pathological
+    max_train_per_client: int | None = None  # dirichlet/pathological/iid: at most this many training examples
 
 
 @dataclass
@@ -66,6 +67,8 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 1  # evaluate every k rounds (the last round is always evaluated)
     eval_batch_size: int = 128
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on CUDA and on CPUs where a timed probe finds it faster) | fp32 | bf16
     failure_rate: float = 0.0  # in-process: chance that a selected client drops out of a round (seeded)
     failures: list[list[int]] = field(default_factory=list)  # in-process: [round, client] pairs that fail
     max_update_norm: float | None = None  # reject an upload whose change to the global state is larger
@@ -116,7 +119,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # Same shape (4 dominant-class clients, all methods, warmup then private steps), small enough for
     # 2 CPU cores in a few minutes. Fewer examples and rounds, so a larger learning rate.
     "quick": {
-        "partition": {"n_train": 256, "n_test": 100, "n_global_test": 50},
+        "partition": {"n_train": 256, "n_test": 100, "n_global_test": 50, "max_train_per_client": 256},
         "model": {"max_length": 64, "backbone_dropout": 0.0},
         "train": {"rounds": 5, "local_epochs": 1, "local_only_epochs": 3, "lr": 5e-3},
         "method": {"warmup_rounds": 2},
@@ -242,6 +245,8 @@ def validate(cfg: Config) -> None:
     need(p.n_test >= 1, f"partition.n_test = {p.n_test}: must be >= 1")
     need(p.n_global_test >= 1, f"partition.n_global_test = {p.n_global_test}: must be >= 1")
     need(p.alpha > 0, f"partition.alpha = {p.alpha}: must be > 0")
+    need(p.max_train_per_client is None or p.max_train_per_client >= 1,
+         f"partition.max_train_per_client = {p.max_train_per_client}: must be >= 1")
     need(p.classes_per_client >= 1, f"partition.classes_per_client = {p.classes_per_client}: must be >= 1")
     need(cfg.model.backbone_dropout is None or 0 <= cfg.model.backbone_dropout < 1,
          f"model.backbone_dropout = {cfg.model.backbone_dropout}: must be in [0, 1)")
@@ -256,6 +261,9 @@ def validate(cfg: Config) -> None:
     need(0 < t.client_fraction <= 1, f"train.client_fraction = {t.client_fraction}: must be in (0, 1]")
     need(t.eval_every >= 1, f"train.eval_every = {t.eval_every}: must be >= 1")
     need(t.eval_batch_size >= 1, f"train.eval_batch_size = {t.eval_batch_size}: must be >= 1")
+    need(t.device in ("auto", "cpu", "cuda") or (t.device.startswith("cuda:") and t.device[5:].isdigit()),
+         f"train.device = {t.device!r}: expected auto, cpu, cuda or cuda:N")
+    need(t.precision in ("auto", "fp32", "bf16"), f"train.precision = {t.precision!r}: expected auto, fp32 or bf16")
     need(0 <= t.failure_rate < 1, f"train.failure_rate = {t.failure_rate}: must be in [0, 1)")
     need(all(len(f) == 2 and f[0] >= 1 and 0 <= f[1] < p.n_clients for f in t.failures),
          f"train.failures = {t.failures}: expected [round, client] pairs, round >= 1, client in [0, {p.n_clients})")

@@ -19,6 +19,7 @@ from fedslip.data.partition import Split, describe_split, make_split
 from fedslip.data.sources import load_data
 from fedslip.data.text import TextData
 from fedslip.model.backbone import Backbone, load_backbone
+from fedslip.model.placement import resolve
 
 
 @dataclass
@@ -42,6 +43,12 @@ def _encode_used(dataset, groups: list[np.ndarray], backbone: Backbone, max_leng
     return enc, [np.array([position[int(i)] for i in g], dtype=np.int64) for g in groups]
 
 
+def _backbone(cfg: Config, num_classes: int) -> Backbone:
+    backbone = load_backbone(cfg.model.backbone, num_classes, cfg.train.seed, cfg.model.backbone_dropout)
+    backbone.placement = resolve(cfg.train.device, cfg.train.precision)
+    return backbone
+
+
 def prepare(cfg: Config) -> Prepared:
     data = load_data(cfg.data)
     return _finish(cfg, data, make_split(data, cfg.partition, cfg.train.seed))
@@ -49,7 +56,7 @@ def prepare(cfg: Config) -> Prepared:
 
 def _finish(cfg: Config, data: TextData, split: Split) -> Prepared:
     clients = describe_split(data, split)
-    backbone = load_backbone(cfg.model.backbone, data.num_classes, cfg.train.seed, cfg.model.backbone_dropout)
+    backbone = _backbone(cfg, data.num_classes)
     n = len(split.train)
     train, train_groups = _encode_used(data.train, split.train, backbone, cfg.model.max_length)
     test, test_groups = _encode_used(data.test, [split.global_test, *split.test], backbone, cfg.model.max_length)
@@ -89,7 +96,6 @@ def prepare_server(cfg: Config) -> Prepared:
     if not cfg.data.label_names:
         raise UserError("a server whose nodes hold the data needs data.label_names (the label set, in class order)")
     n, empty = cfg.partition.n_clients, np.zeros(0, dtype=np.int64)
-    backbone = load_backbone(cfg.model.backbone, len(cfg.data.label_names), cfg.train.seed,
-                             cfg.model.backbone_dropout)
+    backbone = _backbone(cfg, len(cfg.data.label_names))
     clients = [{"client": k, "n_train": 0, "n_test": 0, "dominant_label": None} for k in range(n)]
     return Prepared(cfg, None, Split([empty] * n, [empty] * n, empty), clients, backbone, None, None)

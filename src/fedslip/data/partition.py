@@ -231,8 +231,8 @@ def make_split(data: TextData, cfg: PartitionConfig, seed: int) -> Split:
         test = _dominant(data, data.test, cfg.n_clients, cfg.n_test, cfg.rho, [seed, _TEST], global_test,
                          "test", test_hint, cfg.n_global_test)
     elif cfg.scheme in ("dirichlet", "pathological", "iid"):
-        train = _flower_train(data, cfg, seed)
         train_labels = labels_of(data.train)
+        train = [capped(idx, train_labels, cfg.max_train_per_client) for idx in _flower_train(data, cfg, seed)]
         counts = np.stack([largest_remainder(np.bincount(train_labels[idx], minlength=data.num_classes),
                                              cfg.n_test) for idx in train])
         try:
@@ -242,6 +242,22 @@ def make_split(data: TextData, cfg: PartitionConfig, seed: int) -> Split:
     else:
         raise UserError(f"partition.scheme = {cfg.scheme!r}: expected dominant, dirichlet, pathological or iid")
     return Split(train=train, test=test, global_test=global_test)
+
+
+def capped(idx: np.ndarray, labels: np.ndarray, cap: int | None) -> np.ndarray:
+    """At most `cap` of a client's examples, its label proportions kept (largest remainder); `idx` is
+    already in seeded random order, so the first ones of each class are a random sample of it."""
+    if cap is None or len(idx) <= cap:
+        return idx
+    want = largest_remainder(np.bincount(labels[idx], minlength=int(labels.max()) + 1), cap)
+    taken = np.zeros_like(want)
+    keep = []
+    for i in idx:
+        c = labels[i]
+        if taken[c] < want[c]:
+            taken[c] += 1
+            keep.append(i)
+    return np.asarray(keep, dtype=np.int64)
 
 
 def describe_split(data: TextData, split: Split) -> list[dict]:

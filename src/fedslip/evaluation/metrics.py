@@ -23,7 +23,7 @@ def group_accuracy(model: AdaptedModel, view: Tensors, mode: str, encoded: Encod
     with model.mode(mode):
         for batch in encoded.eval_batches(everything, batch_size):
             pred = model.logits(batch.input_ids, batch.attention_mask).argmax(-1)
-            correct[batch.index] = (pred == batch.labels).numpy()
+            correct[batch.index] = (pred.cpu() == batch.labels).numpy()
     return [float(correct[g].mean()) for g in groups]
 
 

@@ -87,6 +87,7 @@ def write_outputs(out: Path, prep: Prepared, runs: list[tuple[MethodResult, Ledg
             "environment": environment(),
             "data": data_description(prep),
             "backbone": {"name": prep.backbone.name, "source": prep.backbone.source},
+            "placement": prep.backbone.placement.info,
             "clients": prep.clients,
             "wall_time_s": wall_time_s,
             "methods": {r.method: {"final": r.final, "wall_time_s": r.wall_time_s,

@@ -145,7 +145,7 @@ class Method:
         model.load(self.client_view(model, down, client))
         names = self.global_train_names(model)
         opt = adamw(model.params(names), self.t.lr, self.t.weight_decay)
-        anchor = model.read(self.shared_names(model)) if self.prox_mu() > 0 else None
+        anchor = model.snapshot(self.shared_names(model)) if self.prox_mu() > 0 else None
         losses = []
         with model.mode("global"), training(model):
             for _ in range(self.local_epochs()):
@@ -207,7 +207,7 @@ def sgd_step(model: AdaptedModel, batch: Batch, names: list[str], opt: torch.opt
     """One optimizer step on `names`: loss·scale (+ μ/2·Σ‖w − w_anchor‖² over the anchor's tensors)."""
     model.set_trainable(names)
     logits = model.logits(batch.input_ids, batch.attention_mask)
-    loss = F.cross_entropy(logits, batch.labels)
+    loss = F.cross_entropy(logits, batch.labels.to(logits.device))
     total = loss * scale
     mu, anchor = prox
     if mu > 0 and anchor:

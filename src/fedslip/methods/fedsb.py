@@ -129,7 +129,7 @@ class FedSB(Method):
     # --- server ---------------------------------------------------------------------------------------
     def upload_spec(self, model: AdaptedModel, glob: Tensors, cid: int, rnd: int) -> dict:
         if rnd == SETUP_ROUND:  # gradient sums, one d_out × d_in matrix per adapted layer
-            return {f"{name}.grad": (tuple(layer.base.weight.shape), layer.base.weight.dtype)
+            return {f"{name}.grad": (tuple(layer.base.weight.shape), torch.float32)
                     for name, layer in model.layers.items()}
         return super().upload_spec(model, glob, cid, rnd)
 

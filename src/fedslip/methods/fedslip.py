@@ -64,7 +64,7 @@ class FedSLIP(DualTrack):
         opt_g = adamw(model.params(g_names), self.t.lr, self.t.weight_decay)
         opt_p = adamw(model.params(p_names), self.t.lr * self.m.private_lr_scale, self.t.weight_decay,
                       client.optim.get("private"))
-        anchor = model.read(self.shared_names(model))
+        anchor = model.snapshot(self.shared_names(model))
         private_on = rnd > self.m.warmup_rounds
         g_losses, p_losses = [], []
         with training(model):

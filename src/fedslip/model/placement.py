@@ -1,0 +1,95 @@
+"""Where the frozen backbone runs and in which precision: `train.device` and `train.precision`.
+
+bf16 pays only where the hardware does it natively: on CUDA (bf16-capable GPUs) and on CPUs with
+native bf16 matmuls (e.g. AVX512-BF16); on other CPUs bf16 emulation is several times slower than fp32.
+So `precision = "auto"` times a matmul of the backbone's shape in both precisions, once per process,
+and picks bf16 only where it is measurably faster. Only the frozen backbone is stored in bf16; adapters,
+heads and optimizer states stay fp32 masters.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from fedslip.errors import UserError
+
+BF16_MARGIN = 1.25  # bf16 must beat fp32 by this factor to be chosen
+_PROBES: dict[str, dict] = {}
+
+
+@dataclass
+class Placement:
+    device: torch.device
+    dtype: torch.dtype  # of the frozen backbone's weights and activations
+    info: dict = field(default_factory=dict)  # what was asked and measured, for results.json
+
+    @property
+    def bf16(self) -> bool:
+        return self.dtype == torch.bfloat16
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"train.device = {setting!r}: no CUDA device here (torch {torch.__version__}, "
+                            f"CUDA build: {torch.version.cuda or 'no'}); use 'cpu' or 'auto'")
+        index = torch.device(setting).index or 0
+        if index >= torch.cuda.device_count():
+            raise UserError(f"train.device = {setting!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device(setting)
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, m: int = 1792, k: int = 384, n: int = 1536,
+                seconds: float = 0.25) -> float:
+    """GFLOP/s of (m×k)@(k×n) in `dtype` on `device`: MiniLM's feed-forward shape at 32 × 56 tokens."""
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        reps += 1
+    _sync(device)
+    return 2.0 * m * k * n * reps / (time.perf_counter() - start) / 1e9
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def probe(device: torch.device) -> dict:
+    """fp32 and bf16 matmul rates on `device`, measured once per process."""
+    key = str(device)
+    if key not in _PROBES:
+        fp32 = matmul_rate(device, torch.float32)
+        bf16 = matmul_rate(device, torch.bfloat16)
+        _PROBES[key] = {"fp32_gflops": round(fp32, 1), "bf16_gflops": round(bf16, 1),
+                        "bf16_speedup": round(bf16 / fp32, 2)}
+    return _PROBES[key]
+
+
+def resolve(device_setting: str, precision_setting: str) -> Placement:
+    device = resolve_device(device_setting)
+    info: dict = {"device": str(device), "device_setting": device_setting, "precision_setting": precision_setting}
+    if precision_setting == "fp32":
+        dtype = torch.float32
+    elif precision_setting == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise UserError(f"train.precision = 'bf16': {torch.cuda.get_device_name(device)} has no bf16")
+        dtype = torch.bfloat16
+    elif device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    else:
+        measured = probe(device)
+        info["probe"] = measured
+        dtype = torch.bfloat16 if measured["bf16_speedup"] >= BF16_MARGIN else torch.float32
+    info["precision"] = "bf16" if dtype == torch.bfloat16 else "fp32"
+    return Placement(device, dtype, info)

@@ -1,0 +1,114 @@
+"""Device and precision: a bf16 backbone with fp32 masters stays close to fp32; auto follows the probe."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from fedslip.errors import UserError
+from fedslip.federation.inprocess import Simulation
+from fedslip.methods import METHODS
+from fedslip.model import placement as placement_module
+from fedslip.model.placement import Placement, resolve
+
+from conftest import tiny_config
+
+
+def placed(prep, dtype=torch.bfloat16, device="cpu"):
+    backbone = dataclasses.replace(prep.backbone, placement=Placement(torch.device(device), dtype))
+    return dataclasses.replace(prep, backbone=backbone)
+
+
+def relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12))
+
+
+def test_bf16_stores_only_the_frozen_backbone_in_bf16(tiny_prep):
+    method = METHODS["fedslip"](tiny_config("fedslip"))
+    model = method.build(placed(tiny_prep).backbone)
+    ours = set(model._tensors)
+    for name, p in model.net.named_parameters():
+        want = torch.float32 if name in ours else torch.bfloat16
+        assert p.dtype == want, name
+    assert model.read(model.global_names)[model.global_names[0]].dtype == torch.float32
+    assert tiny_prep.backbone.model.bert.embeddings.word_embeddings.weight.dtype == torch.float32  # not touched
+
+
+def test_bf16_logits_are_close_to_fp32(tiny_prep):
+    method = METHODS["fedavg"](tiny_config("fedavg"))
+    fp32 = method.build(tiny_prep.backbone)
+    bf16 = method.build(placed(tiny_prep).backbone)
+    batch = tiny_prep.test.batch(tiny_prep.split.global_test[:16])
+    with torch.no_grad():
+        a = fp32.logits(batch.input_ids, batch.attention_mask)
+        b = bf16.logits(batch.input_ids, batch.attention_mask)
+    assert b.dtype == torch.float32
+    assert relative_gap(b, a) < 0.02
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0))
+
+
+def test_bf16_training_stays_within_tolerance_of_fp32(tiny_prep):
+    """Two rounds of FedSLIP (private steps from round 1). The tolerance: every trained global tensor points
+    the same way as in fp32 (cosine > 0.95; the LoRA B's start at zero and AdamW's first steps follow the
+    gradient's sign, so small entries differ most) and the trained model's logits are within 5 % (relative
+    L2); uploads and optimizer states stay fp32."""
+    cfg = tiny_config("fedslip", method={"warmup_rounds": 0})
+    ref = Simulation(tiny_prep, METHODS["fedslip"](cfg))
+    ref_result, _ = ref.run()
+    low = Simulation(placed(tiny_prep), METHODS["fedslip"](cfg))
+    low_result, ledger = low.run()
+    for name, t in ref.glob.items():
+        if t.abs().max() > 0:
+            assert cosine(low.glob[name], t) > 0.95, name
+    batch = tiny_prep.test.batch(tiny_prep.split.global_test[:16])
+    with torch.no_grad():
+        ref.model.load(ref.method.global_view(ref.model, ref.glob, ref.clients[0]))
+        low.model.load(low.method.global_view(low.model, low.glob, low.clients[0]))
+        gap = relative_gap(low.model.logits(batch.input_ids, batch.attention_mask),
+                           ref.model.logits(batch.input_ids, batch.attention_mask))
+    assert gap < 0.05
+    assert {e.dtypes for e in ledger.entries} == {"float32"}
+    exp_avg = [s["exp_avg"] for s in low.clients[0].optim["private"]["state"].values()]
+    assert exp_avg and all(t.dtype == torch.float32 for t in exp_avg)
+    for a, b in zip(ref_result.clients, low_result.clients):
+        assert abs(a.personal_acc - b.personal_acc) <= 0.15  # 20 test examples each: a few may flip
+
+
+@pytest.mark.parametrize("speedup,want", [(3.0, torch.bfloat16), (0.3, torch.float32)])
+def test_auto_precision_follows_the_probe(monkeypatch, speedup, want):
+    monkeypatch.setattr(placement_module, "probe", lambda device: {"fp32_gflops": 100.0,
+                                                                   "bf16_gflops": 100.0 * speedup,
+                                                                   "bf16_speedup": speedup})
+    got = resolve("cpu", "auto")
+    assert got.dtype == want and got.info["probe"]["bf16_speedup"] == speedup
+    assert resolve("cpu", "fp32").dtype == torch.float32 and resolve("cpu", "bf16").dtype == torch.bfloat16
+
+
+def test_probe_measures_both_precisions():
+    rate = placement_module.matmul_rate(torch.device("cpu"), torch.float32, m=64, k=64, n=64, seconds=0.02)
+    assert rate > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_cuda_is_one_clear_error():
+    with pytest.raises(UserError, match="no CUDA device"):
+        resolve("cuda", "auto")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_run_matches_cpu(tiny_prep):
+    cfg = tiny_config("fedslip", method={"warmup_rounds": 0})
+    ref = Simulation(tiny_prep, METHODS["fedslip"](cfg))
+    ref.run()
+    gpu = Simulation(placed(tiny_prep, device="cuda"), METHODS["fedslip"](cfg))
+    gpu.run()
+    assert next(gpu.model.net.parameters()).device.type == "cuda"
+    for name, t in ref.glob.items():
+        assert gpu.glob[name].device.type == "cpu"
+        if t.abs().max() > 0:
+            assert relative_gap(gpu.glob[name], t) < 0.05, name
