@@ -87,3 +87,22 @@ def test_mask_of_constant_tensor_is_a_seeded_random_subset():
     assert int(a.sum()) == 80
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a[:10].sum() < 80  # not simply the first rows
+
+
+def test_lora_dropout_is_unbiased_and_off_in_eval():
+    torch.manual_seed(0)
+    layer = DualLoRALinear(torch.nn.Linear(16, 8), 4, 8.0, 0, 1.0, dropout=0.3)
+    with torch.no_grad():
+        layer.g_A.normal_()
+        layer.g_B.normal_()
+    x = torch.randn(5, 16)
+    layer.mode = "global"
+    layer.eval()
+    with torch.no_grad():
+        clean = layer(x) - layer.base(x)
+        layer.train()
+        draws = torch.stack([layer(x) - layer.base(x) for _ in range(4000)])
+        dropped, _ = layer._dropped(torch.ones(200, 200))
+    assert abs(float((dropped == 0).float().mean()) - 0.3) < 0.01  # the rate asked for
+    assert not torch.allclose(draws[0], clean)  # training draws differ
+    torch.testing.assert_close(draws.mean(0), clean, rtol=0, atol=0.05 * float(clean.abs().max()))

@@ -58,7 +58,10 @@ class DualLoRALinear(nn.Module):
         self.r_g, self.r_p = r_g, r_p
         self.scale_g = alpha_g / r_g if r_g else 0.0
         self.scale_p = alpha_p / r_p if r_p else 0.0
-        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # LoRA dropout on the input, as PEFT: a mask from 15-bit random integers (cheaper on CPU than
+        # nn.Dropout's Bernoulli draws), its 1/(1-p) folded into the tracks' scales
+        self.cut = round(dropout * 2**15)
+        self.keep_scale = 1.0 / (1.0 - self.cut / 2**15)
         fan_in, fan_out = base.in_features, base.out_features
         if r_g:
             self.g_A = nn.Parameter(torch.zeros(r_g, fan_in))
@@ -70,25 +73,31 @@ class DualLoRALinear(nn.Module):
             self.register_buffer("p_B_mask", torch.ones(fan_out, r_p))
         self.mode = "both"
 
-    def _global(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.g_A), self.g_B) * self.scale_g
+    def _global(self, x: torch.Tensor, keep: float) -> torch.Tensor:
+        return F.linear(F.linear(x, self.g_A), self.g_B) * (self.scale_g * keep)
 
-    def _private(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.p_A * self.p_A_mask), self.p_B * self.p_B_mask) * self.scale_p
+    def _private(self, x: torch.Tensor, keep: float) -> torch.Tensor:
+        return F.linear(F.linear(x, self.p_A * self.p_A_mask), self.p_B * self.p_B_mask) * (self.scale_p * keep)
+
+    def _dropped(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        if not (self.training and self.cut):
+            return x, 1.0
+        kept = torch.empty(x.shape, dtype=torch.int16, device=x.device).random_(0, 2**15) >= self.cut
+        return x * kept, self.keep_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if not (self.r_g or self.r_p):
             return y
-        xd = self.drop(x)
+        xd, keep = self._dropped(x)
         if self.r_g:
             if self.mode == "private":
                 with torch.no_grad():
-                    y = y + self._global(xd)
+                    y = y + self._global(xd, keep)
             else:
-                y = y + self._global(xd)
+                y = y + self._global(xd, keep)
         if self.r_p and self.mode != "global":
-            y = y + self._private(xd)
+            y = y + self._private(xd, keep)
         return y
 
 
