@@ -116,3 +116,13 @@ def test_console_script_exit_code(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip() == "fedslip: error: train.rounds = 0: must be >= 1"
     assert not list(tmp_path.iterdir())
+
+
+def test_a_log_gets_one_plain_line_per_round(tmp_path, capsys):
+    assert main(["run", "--method", "fedslip", "--out", str(tmp_path / "run"), *sets()]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("fedslip ")]
+    assert [line.split(" | ")[0] for line in lines] == ["fedslip 1/2", "fedslip 2/2"]
+    assert "loss" in lines[0] and "MiB" in lines[0] and "left ~" in lines[0]
+    assert "round 2:" in lines[1] and "personal" in lines[1]  # scored after the last round
+    assert "\x1b[" not in err  # no terminal control codes in a log

@@ -10,7 +10,6 @@ import argparse
 import os
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 from fedslip.cli_common import Parser, add_common, config_from_args, method_list, out_dir
@@ -46,7 +45,7 @@ def _execute(args, methods: list[str], out: Path) -> int:
     from fedslip.federation.inprocess import Simulation
     from fedslip.methods import method_for
     from fedslip.prepare import prepare
-    from fedslip.progress import NullProgress, RichProgress
+    from fedslip.progress import for_terminal
 
     cfg = config_from_args(args, methods[0])
     if cfg.method.strategy != "method":
@@ -58,8 +57,8 @@ def _execute(args, methods: list[str], out: Path) -> int:
                   f"{len(prep.split.train)} clients, training on {[len(s) for s in prep.split.train]} examples")
     console.print(f"device: {describe_placement(prep.backbone.placement.info)}")
     runs = []
-    progress = NullProgress() if args.quiet else RichProgress()
-    with progress if not args.quiet else nullcontext():
+    progress = for_terminal(args.quiet)
+    with progress:
         for name in methods:
             run_cfg = copy.deepcopy(cfg)
             run_cfg.method.name = name

@@ -1,6 +1,9 @@
-"""Progress bars (rich) for rounds and clients; a silent stand-in for tests and library use."""
+"""Progress: bars (rich) on a terminal, one plain line per round in a log, silence for tests and libraries."""
 
 from __future__ import annotations
+
+import sys
+import time
 
 
 class NullTask:
@@ -12,6 +15,12 @@ class NullTask:
 
 
 class NullProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
     def task(self, description: str, total: int) -> NullTask:
         return NullTask()
 
@@ -57,3 +66,59 @@ class RichProgress:
         transient = "clients" in description
         task_id = self.progress.add_task(description, total=total, status="")
         return RichTask(self.progress, task_id, transient)
+
+
+class PlainTask:
+    def __init__(self, description: str, total: int, out):
+        self.description, self.total, self.out = description, total, out
+        self.done_n, self.start = 0, time.perf_counter()
+
+    def advance(self, record=None, evaluated=None) -> None:
+        self.done_n += 1
+        if record is None:
+            return
+        elapsed = time.perf_counter() - self.start
+        left = elapsed / self.done_n * (self.total - self.done_n)
+        parts = [f"{self.description} {self.done_n}/{self.total}", f"loss {record.train_loss:.4f}"]
+        if evaluated is not None:
+            accs = [a for a in (evaluated.personal_acc or []) if a == a]
+            glob = f" global {100 * evaluated.global_acc:.1f}%" if evaluated.global_acc is not None else ""
+            pers = f" personal {100 * sum(accs) / len(accs):.1f}%" if accs else ""
+            parts.append(f"round {evaluated.round}:{glob}{pers}")
+        parts += [f"{record.mib_round:.3f} MiB", f"elapsed {_clock(elapsed)}", f"left ~{_clock(left)}"]
+        if getattr(record, "checkpoint", ""):
+            parts.append(f"checkpoint {record.checkpoint}")
+        print(" | ".join(parts), file=self.out, flush=True)
+
+    def done(self) -> None:
+        pass
+
+
+class PlainProgress:
+    """One plain line per round (for logs: output that is not a terminal); nothing per client."""
+
+    def __init__(self, out=None):
+        self.out = out or sys.stderr
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def task(self, description: str, total: int):
+        return NullTask() if "clients" in description or "evaluation" in description else \
+            PlainTask(description.removesuffix(": rounds"), total, self.out)
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+def for_terminal(quiet: bool):
+    """Bars on a terminal, plain lines otherwise (a log file), nothing with --quiet."""
+    if quiet:
+        return NullProgress()
+    return RichProgress() if sys.stderr.isatty() else PlainProgress()
