@@ -22,10 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train one method federated and report its metrics")
     add_common(run)
     run.add_argument("--method", help="method name (default fedslip; see `fedslip methods`)")
+    run.add_argument("--resume", action="store_true", help="go on from the checkpoint in --out")
     cmp_ = sub.add_parser("compare", help="run several methods on the same split and compare them")
     add_common(cmp_)
     cmp_.add_argument("--methods", default="local,fedavg,dualtrack-naive,fedslip",
                       help="comma-separated method names, or 'all'")
+    cmp_.add_argument("--resume", action="store_true", help="go on from the checkpoints in --out")
     sub.add_parser("methods", help="list the available methods")
     split = sub.add_parser("split", help="write each client's files of the split (for nodes that read only their own)")
     add_common(split)
@@ -50,19 +52,21 @@ def _execute(args, methods: list[str], out: Path) -> int:
     cfg = config_from_args(args, methods[0])
     if cfg.method.strategy != "method":
         _need_flower(cfg.method.strategy)
+    check_out(args, out)
     console = Console(stderr=True)
     start = time.perf_counter()
     prep = prepare(cfg)
     console.print(f"data: {prep.data.description}; backbone: {prep.backbone.name} ({prep.backbone.source}); "
                   f"{len(prep.split.train)} clients, training on {[len(s) for s in prep.split.train]} examples")
     console.print(f"device: {describe_placement(prep.backbone.placement.info)}")
+    paths = resumable(out, prep, methods)
     runs = []
     progress = for_terminal(args.quiet)
     with progress:
         for name in methods:
             run_cfg = copy.deepcopy(cfg)
             run_cfg.method.name = name
-            runs.append(Simulation(prep, method_for(run_cfg), progress).run())
+            runs.append(Simulation(prep, method_for(run_cfg), progress).run(paths[name], args.resume))
     write_outputs(out, prep, runs, time.perf_counter() - start)
     print(to_markdown(comparison_rows([r for r, _ in runs])))
     console.print(f"wrote {out}/: results.json rounds.csv clients.csv ledger.csv comparison.md comparison.csv figure.png")
@@ -87,6 +91,29 @@ def _split(args) -> int:
     print(f"node k: --node-config 'partition-id=k num-partitions={len(split.train)} "
           f"train-file=\"{out.resolve()}/clientk/train.csv\" test-file=\"{out.resolve()}/clientk/test.csv\"'")
     return 0
+
+
+def check_out(args, out: Path) -> None:
+    """Refuse (one line) to overwrite an earlier run's checkpoint, or to resume without one."""
+    from fedslip.federation import checkpoint
+
+    found = checkpoint.existing(out)
+    if found and not args.resume:
+        raise UserError(f"{out} holds the checkpoint of an earlier run ({', '.join(p.stem for p in found)}): "
+                        "add --resume to go on with it, or choose another --out")
+    if args.resume and not found:
+        raise UserError(f"--resume: {out} holds no checkpoint ({out}/{checkpoint.STATE_DIR}/ is missing)")
+
+
+def resumable(out: Path, prep, methods: list[str]) -> dict[str, Path]:
+    """Each method's checkpoint path; one clear line when an existing checkpoint is another run's."""
+    from fedslip.federation import checkpoint
+
+    paths = {name: checkpoint.path_for(out, name) for name in methods}
+    for name, path in paths.items():
+        if path.exists():
+            checkpoint.check(path, prep, name)
+    return paths
 
 
 def describe_placement(info: dict) -> str:

@@ -69,6 +69,7 @@ class TrainConfig:
     eval_batch_size: int = 128
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA and on CPUs where a timed probe finds it faster) | fp32 | bf16
+    checkpoint_every: int = 1  # rounds between checkpoints (and always after the last)
     failure_rate: float = 0.0  # in-process: chance that a selected client drops out of a round (seeded)
     failures: list[list[int]] = field(default_factory=list)  # in-process: [round, client] pairs that fail
     max_update_norm: float | None = None  # reject an upload whose change to the global state is larger
@@ -264,6 +265,7 @@ def validate(cfg: Config) -> None:
     need(t.device in ("auto", "cpu", "cuda") or (t.device.startswith("cuda:") and t.device[5:].isdigit()),
          f"train.device = {t.device!r}: expected auto, cpu, cuda or cuda:N")
     need(t.precision in ("auto", "fp32", "bf16"), f"train.precision = {t.precision!r}: expected auto, fp32 or bf16")
+    need(t.checkpoint_every >= 1, f"train.checkpoint_every = {t.checkpoint_every}: must be >= 1")
     need(0 <= t.failure_rate < 1, f"train.failure_rate = {t.failure_rate}: must be in [0, 1)")
     need(all(len(f) == 2 and f[0] >= 1 and 0 <= f[1] < p.n_clients for f in t.failures),
          f"train.failures = {t.failures}: expected [round, client] pairs, round >= 1, client in [0, {p.n_clients})")

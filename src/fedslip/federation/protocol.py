@@ -13,13 +13,22 @@ download, which the ledger counts with kind "eval".
 from __future__ import annotations
 
 import math
+import os
+import signal
 import sys
 import time
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 
 from fedslip.evaluation.metrics import summarize
 from fedslip.evaluation.records import ClientRecord, MethodResult, RoundRecord
+from fedslip.federation.checkpoint import (fingerprint, ledger_from_json, ledger_to_json, result_from_json,
+                                           rounds_from_json, rounds_to_json)
+from fedslip.federation.checkpoint import check as check_checkpoint
+from fedslip.federation.checkpoint import load as load_checkpoint
+from fedslip.federation.checkpoint import save as save_checkpoint
 from fedslip.federation.checks import size_problem, upload_problem
 from fedslip.federation.exchange import EVALUATE, TRAIN, EvalAsk, Payload, Reply, Request, Transport
 from fedslip.federation.ledger import Ledger
@@ -67,11 +76,13 @@ class RoundProtocol:
         self.aggregation = strategy_aggregation(method)
         self.pending: RoundRecord | None = None  # a round awaiting its evaluation
         self.kstep: dict[int, float] = {}
+        self.current_round = 0
         self.global_test_everywhere = False  # every client scores the global test set it may hold
 
     # --- one round ------------------------------------------------------------------------------------
     def run_round(self, rnd: int) -> RoundRecord:
         method, t = self.method, self.cfg.train
+        self.current_round = rnd
         selected = select_clients(self.n_clients, t.client_fraction, self.seed, rnd)
         before = self.glob  # the previous round's global model: what a pending evaluation scores
         glob = method.open_round(self.glob, rnd, selected)
@@ -80,6 +91,7 @@ class RoundProtocol:
         asks = self._asks(self.pending.round, selected, final=False) if self.pending else {}
         requests = [Request(TRAIN, cid, rnd, downs[cid], asks.get(cid), config) for cid in selected]
         replies = self._exchange(requests, f"round {rnd} clients")
+        self.crash("train")
         record = RoundRecord(round=rnd, train_loss=float("nan"), mib_round=0.0, mib_cumulative=0.0)
         ups, participants, losses, answers = [], [], [], {}
         for cid in selected:
@@ -143,6 +155,7 @@ class RoundProtocol:
         downs = {cid: self.method.down_payload(glob, cid) for cid in asks}
         requests = [Request(EVALUATE, cid, rnd, downs[cid], ask) for cid, ask in asks.items()]
         replies = self._exchange(requests, f"round {rnd} evaluation")
+        self.crash("evaluate")
         out = {}
         for cid in asks:
             reply = replies[cid]
@@ -188,23 +201,76 @@ class RoundProtocol:
             bar.done()
 
     # --- a whole run ----------------------------------------------------------------------------------
-    def run(self) -> tuple[MethodResult, Ledger]:
+    def run(self, checkpoint: Path | None = None, resume: bool = False) -> tuple[MethodResult, Ledger]:
+        """All rounds; with `checkpoint`, one after every `train.checkpoint_every` rounds and at the end.
+        `resume`: go on from that checkpoint (a finished one returns its result at once)."""
         start = time.perf_counter()
         result = MethodResult(method=self.method.name)
         rounds = self.method.rounds()
+        done_before = 0.0
+        if resume and checkpoint is not None and checkpoint.exists():
+            finished, result, done_before = self.restore(checkpoint)
+            if finished:
+                return result, self.ledger
         bar = self.progress.task(f"{self.method.name}: rounds", rounds)
+        for _ in result.rounds:
+            bar.advance()
         shown = None
-        for rnd in range(1, rounds + 1):
-            result.rounds.append(self.run_round(rnd))
+        for rnd in range(len(result.rounds) + 1, rounds + 1):
+            record = self.run_round(rnd)
+            result.rounds.append(record)
+            if checkpoint is not None and (rnd % self.cfg.train.checkpoint_every == 0 or rnd == rounds):
+                self.save(checkpoint, result, done_before + time.perf_counter() - start)
+                record.checkpoint = str(checkpoint)
             if rnd == rounds:
                 self.finish()
             shown = next((r for r in reversed(result.rounds) if r.evaluated), shown)
-            bar.advance(result.rounds[-1], shown)
+            bar.advance(record, shown)
         bar.done()
+        self.finish()  # a run resumed from the last round's checkpoint still owes its final evaluation
         result.clients = self.client_records(result.rounds[-1])
-        result.wall_time_s = time.perf_counter() - start
+        result.wall_time_s = done_before + time.perf_counter() - start
         result.final = summarize(result, self.ledger)
+        if checkpoint is not None:
+            self.save(checkpoint, result, result.wall_time_s, finished=True)
         return result, self.ledger
+
+    # --- checkpoints ----------------------------------------------------------------------------------
+    def client_states(self):
+        """The clients' private states where this process holds them (in-process), else None (nodes)."""
+        return getattr(self.transport, "states", None)
+
+    def save(self, path: Path, result: MethodResult, wall_time_s: float, finished: bool = False) -> None:
+        if self.aggregation is not None:
+            return  # a Flower strategy keeps state of its own that cannot be saved: such runs do not resume
+        meta = {"fingerprint": fingerprint(self.prep, self.method.name), "finished": finished,
+                "rounds": rounds_to_json(result.rounds), "ledger": ledger_to_json(self.ledger),
+                "pending": self.pending.round if self.pending else None, "kstep": self.kstep,
+                "wall_time_s": wall_time_s}
+        if finished:
+            meta["result"] = {"clients": [asdict(c) for c in result.clients], "final": result.final}
+        save_checkpoint(path, self.glob, self.client_states(), meta, self.crash)
+
+    def restore(self, path: Path) -> tuple[bool, MethodResult, float]:
+        check_checkpoint(path, self.prep, self.method.name)
+        glob, clients, meta = load_checkpoint(path)
+        self.glob = glob
+        if clients is not None and self.client_states() is not None:
+            self.transport.states[:] = clients
+        self.ledger = ledger_from_json(self.method.name, meta["ledger"])
+        rounds = rounds_from_json(meta["rounds"])
+        self.pending = next((r for r in rounds if r.round == meta["pending"]), None)
+        self.kstep = {int(k): v for k, v in meta["kstep"].items()}
+        result = MethodResult(method=self.method.name, rounds=rounds)
+        if meta["finished"]:
+            result = result_from_json({"method": self.method.name, "rounds": meta["rounds"],
+                                       "wall_time_s": meta["wall_time_s"], **meta["result"]})
+        return meta["finished"], result, meta["wall_time_s"]
+
+    def crash(self, point: str) -> None:
+        """Tests: FEDSLIP_CRASH="<method>:<round>:<point>" kills the process there, as a power cut would."""
+        if os.environ.get("FEDSLIP_CRASH") == f"{self.method.name}:{self.current_round}:{point}":
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def client_records(self, last: RoundRecord) -> list[ClientRecord]:
         prep = self.prep

@@ -1,0 +1,147 @@
+"""Checkpoints of a run: everything the round protocol needs to go on, in one safetensors file per method.
+
+`<out>/state/<method>.safetensors` holds the global state (`glob/...`), every client's private state
+(`client/<k>/...`, see `client_state.pack_state`) and, as JSON in the file's metadata, the round records,
+the ledger, the protocol's own bookkeeping and a fingerprint of what the numbers depend on (config, data
+split, package version, device and precision). It is written to a temporary file and renamed, so a crash
+while writing leaves the previous checkpoint intact. The last one, marked finished, is the run's final
+state (what `export` and `predict` read). Never pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedslip.errors import UserError
+from fedslip.evaluation.records import ClientRecord, MethodResult, RoundRecord
+from fedslip.federation.client_state import pack_state, unpack_state
+from fedslip.federation.ledger import Entry, Ledger
+from fedslip.methods.base import ClientState
+
+FORMAT = 1
+STATE_DIR = "state"
+
+
+def fingerprint(prep, method_name: str) -> dict[str, Any]:
+    """What a run's numbers depend on; a resumed run must match it exactly."""
+    from fedslip import __version__
+
+    h = hashlib.sha256()
+    for group in [*prep.split.train, *prep.split.test, prep.split.global_test]:
+        h.update(group.tobytes() + b"|")
+    info = prep.backbone.placement.info
+    cfg = prep.cfg.to_dict()
+    cfg["method"]["name"] = method_name
+    return {"format": FORMAT, "fedslip": __version__, "torch": torch.__version__, "config": cfg,
+            "split": h.hexdigest()[:32], "device": info.get("device", "cpu"),
+            "precision": info.get("precision", "fp32")}
+
+
+def differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} in the checkpoint, {b!r} now")
+    return out
+
+
+def path_for(out: Path, method: str) -> Path:
+    return Path(out) / STATE_DIR / f"{method}.safetensors"
+
+
+def existing(out: Path) -> list[Path]:
+    folder = Path(out) / STATE_DIR
+    return sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+
+
+def save(path: Path, glob: dict, clients: list[ClientState] | None, meta: dict[str, Any], crash=None) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"glob/{n}": t.detach().cpu().contiguous() for n, t in glob.items()}
+    skeletons = []
+    for k, state in enumerate(clients or []):
+        packed, skeleton = pack_state(state)
+        tensors.update({f"client/{k}/{n}": t for n, t in packed.items()})
+        skeletons.append(skeleton)
+    meta = {**meta, "client_skeletons": skeletons, "has_clients": clients is not None}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"fedslip": json.dumps(meta)})
+    if crash is not None:
+        crash("checkpoint")  # tests: a crash after the temporary file, before the rename
+    os.replace(tmp, path)
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """The checkpoint's JSON part only (no tensors read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads(f.metadata()["fedslip"])
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e)[:120]}); "
+                        "delete it to start over") from None
+
+
+def check(path: Path, prep, method: str) -> None:
+    """One clear line when the checkpoint at `path` is not this run's."""
+    diff = differences(read_meta(path)["fingerprint"], fingerprint(prep, method))
+    if diff:
+        raise UserError(f"checkpoint {path} belongs to another run: {'; '.join(diff[:3])}")
+
+
+def load(path: Path) -> tuple[dict, list[ClientState] | None, dict[str, Any]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["fedslip"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e)[:120]}); "
+                        "delete it to start over") from None
+    glob = {n[len("glob/"):]: t for n, t in tensors.items() if n.startswith("glob/")}
+    clients = None
+    if meta.get("has_clients"):
+        clients = []
+        for k, skeleton in enumerate(meta["client_skeletons"]):
+            prefix = f"client/{k}/"
+            clients.append(unpack_state({n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)},
+                                        skeleton))
+    return glob, clients, meta
+
+
+# --- records <-> JSON -----------------------------------------------------------------------------------
+def rounds_to_json(rounds: list[RoundRecord]) -> list[dict]:
+    return [asdict(r) for r in rounds]
+
+
+def rounds_from_json(rows: list[dict]) -> list[RoundRecord]:
+    return [RoundRecord(**r) for r in rows]
+
+
+def ledger_to_json(ledger: Ledger) -> list[dict]:
+    return [asdict(e) for e in ledger.entries]
+
+
+def ledger_from_json(method: str, rows: list[dict]) -> Ledger:
+    ledger = Ledger(method)
+    ledger.entries = [Entry(**r) for r in rows]
+    return ledger
+
+
+def result_from_json(doc: dict) -> MethodResult:
+    return MethodResult(method=doc["method"], rounds=rounds_from_json(doc["rounds"]),
+                        clients=[ClientRecord(**c) for c in doc["clients"]], final=doc["final"],
+                        wall_time_s=doc["wall_time_s"])

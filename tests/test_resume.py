@@ -1,0 +1,118 @@
+"""Checkpoint and resume: a run killed with SIGKILL (mid-round, mid-evaluation, while writing its checkpoint)
+and resumed ends with the same outputs, byte for byte, as an uninterrupted one (wall times excepted)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedslip.cli import main
+from fedslip.federation.checkpoint import load, path_for
+from fedslip.federation.protocol import RoundProtocol
+
+from test_cli import sets
+
+ROUNDS = ["train.rounds=3", "train.failure_rate=0.25", "train.seed=3"]
+FILES = ("rounds.csv", "clients.csv", "ledger.csv")
+
+
+def argv(out: Path, command: list[str], extra: list[str] = (), resume: bool = False) -> list[str]:
+    return [*command, "--out", str(out), "--quiet", *sets([*ROUNDS, *extra])] + (["--resume"] if resume else [])
+
+
+def killed_at(out: Path, command: list[str], crash: str) -> subprocess.CompletedProcess:
+    """A real process, SIGKILLed at `crash`; one thread, like this test process, so floats sum alike."""
+    env = {**os.environ, "FEDSLIP_CRASH": crash, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "fedslip", *argv(out, command)], env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def fedslip(out: Path, command: list[str], extra: list[str] = (), resume: bool = False, capsys=None):
+    """The CLI in this process: (exit code, stderr)."""
+    code = main(argv(out, command, extra, resume))
+    return code, capsys.readouterr().err if capsys is not None else ""
+
+
+def without_wall_times(obj):
+    if isinstance(obj, dict):
+        return {k: without_wall_times(v) for k, v in obj.items() if k != "wall_time_s"}
+    if isinstance(obj, list):
+        return [without_wall_times(v) for v in obj]
+    return obj
+
+
+def assert_same_outputs(a: Path, b: Path, methods: list[str]) -> None:
+    for name in FILES:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    ja, jb = (json.loads((d / "results.json").read_text()) for d in (a, b))
+    assert without_wall_times(ja) == without_wall_times(jb)
+    rows = [[{k: v for k, v in r.items() if k != "wall_time_s"}
+             for r in csv.DictReader(io.StringIO((d / "comparison.csv").read_text()))] for d in (a, b)]
+    assert rows[0] == rows[1]
+    for m in methods:  # the final states, bit for bit
+        (ga, ca, _), (gb, cb, _) = load(path_for(a, m)), load(path_for(b, m))
+        assert set(ga) == set(gb) and all(torch.equal(ga[n], gb[n]) for n in ga)
+        for sa, sb in zip(ca, cb):
+            assert set(sa.tensors) == set(sb.tensors)
+            assert all(torch.equal(sa.tensors[n], sb.tensors[n]) for n in sa.tensors)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    outs = {}
+    for method in ("fedavg", "fedslip", "flora"):
+        out = tmp_path_factory.mktemp("whole") / method
+        assert fedslip(out, ["run", "--method", method])[0] == 0
+        outs[method] = out
+    return outs
+
+
+@pytest.mark.parametrize("method,crash", [("fedavg", "fedavg:2:train"), ("fedslip", "fedslip:3:checkpoint"),
+                                          ("fedslip", "fedslip:3:evaluate"), ("flora", "flora:3:train")])
+def test_killed_and_resumed_run_equals_the_uninterrupted_one(uninterrupted, tmp_path, capsys, method, crash):
+    out = tmp_path / "run"
+    killed = killed_at(out, ["run", "--method", method], crash)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (out / "results.json").exists()
+    code, err = fedslip(out, ["run", "--method", method], capsys=capsys)
+    assert code == 2 and "--resume" in err and len(err.strip().splitlines()) == 1
+    assert fedslip(out, ["run", "--method", method], resume=True)[0] == 0
+    assert_same_outputs(out, uninterrupted[method], [method])
+
+
+def test_compare_resumes_without_rerunning_finished_methods(tmp_path, monkeypatch):
+    whole = tmp_path / "whole"
+    assert fedslip(whole, ["compare", "--methods", "fedavg,fedslip"])[0] == 0
+    out = tmp_path / "run"
+    killed = killed_at(out, ["compare", "--methods", "fedavg,fedslip"], "fedslip:2:train")
+    assert killed.returncode == -signal.SIGKILL
+    finished = load(path_for(out, "fedavg"))[2]
+    assert finished["finished"] and not load(path_for(out, "fedslip"))[2]["finished"]
+    trained = []
+    real = RoundProtocol.run_round
+    monkeypatch.setattr(RoundProtocol, "run_round", lambda self, rnd: trained.append(self.method.name) or real(self, rnd))
+    assert fedslip(out, ["compare", "--methods", "fedavg,fedslip"], resume=True)[0] == 0
+    assert trained == ["fedslip", "fedslip"]  # fedavg came back from its checkpoint; fedslip redid rounds 2, 3
+    assert_same_outputs(out, whole, ["fedavg", "fedslip"])
+
+
+def test_resume_refuses_another_config_a_missing_or_a_corrupt_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert killed_at(out, ["run", "--method", "fedavg"], "fedavg:2:train").returncode == -signal.SIGKILL
+    code, err = fedslip(out, ["run", "--method", "fedavg"], extra=["train.lr=0.5"], resume=True, capsys=capsys)
+    assert code == 2 and "train.lr" in err
+    code, err = fedslip(tmp_path / "empty", ["run", "--method", "fedavg"], resume=True, capsys=capsys)
+    assert code == 2 and "no checkpoint" in err
+    path = path_for(out, "fedavg")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    code, err = fedslip(out, ["run", "--method", "fedavg"], resume=True, capsys=capsys)
+    assert code == 2 and "unreadable" in err
