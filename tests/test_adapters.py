@@ -102,7 +102,7 @@ def test_lora_dropout_is_unbiased_and_off_in_eval():
         clean = layer(x) - layer.base(x)
         layer.train()
         draws = torch.stack([layer(x) - layer.base(x) for _ in range(4000)])
-        dropped, _ = layer._dropped(torch.ones(200, 200))
+        dropped, _ = layer.drop(torch.ones(200, 200))
     assert abs(float((dropped == 0).float().mean()) - 0.3) < 0.01  # the rate asked for
     assert not torch.allclose(draws[0], clean)  # training draws differ
     torch.testing.assert_close(draws.mean(0), clean, rtol=0, atol=0.05 * float(clean.abs().max()))

@@ -51,6 +51,23 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float, generator: torch.Gener
     return mask.view_as(weight)
 
 
+class LoRADropout(nn.Module):
+    """LoRA's dropout on a layer's input, as PEFT, with a mask from 15-bit random integers (cheaper on CPU
+    than nn.Dropout's Bernoulli draws). Returns the masked input and the 1/(1-p) to fold into the LoRA
+    output's scale, so the input is not rescaled."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.cut = round(p * 2**15)
+        self.keep_scale = 1.0 / (1.0 - self.cut / 2**15)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        if not (self.training and self.cut):
+            return x, 1.0
+        kept = torch.empty(x.shape, dtype=torch.int16, device=x.device).random_(0, 2**15) >= self.cut
+        return x * kept, self.keep_scale
+
+
 class DualLoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, r_g: int, alpha_g: float, r_p: int, alpha_p: float, dropout: float):
         super().__init__()
@@ -58,10 +75,7 @@ class DualLoRALinear(nn.Module):
         self.r_g, self.r_p = r_g, r_p
         self.scale_g = alpha_g / r_g if r_g else 0.0
         self.scale_p = alpha_p / r_p if r_p else 0.0
-        # LoRA dropout on the input, as PEFT: a mask from 15-bit random integers (cheaper on CPU than
-        # nn.Dropout's Bernoulli draws), its 1/(1-p) folded into the tracks' scales
-        self.cut = round(dropout * 2**15)
-        self.keep_scale = 1.0 / (1.0 - self.cut / 2**15)
+        self.drop = LoRADropout(dropout)
         fan_in, fan_out = base.in_features, base.out_features
         if r_g:
             self.g_A = nn.Parameter(torch.zeros(r_g, fan_in))
@@ -79,17 +93,11 @@ class DualLoRALinear(nn.Module):
     def _private(self, x: torch.Tensor, keep: float) -> torch.Tensor:
         return F.linear(F.linear(x, self.p_A * self.p_A_mask), self.p_B * self.p_B_mask) * (self.scale_p * keep)
 
-    def _dropped(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        if not (self.training and self.cut):
-            return x, 1.0
-        kept = torch.empty(x.shape, dtype=torch.int16, device=x.device).random_(0, 2**15) >= self.cut
-        return x * kept, self.keep_scale
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if not (self.r_g or self.r_p):
             return y
-        xd, keep = self._dropped(x)
+        xd, keep = self.drop(x)
         if self.r_g:
             if self.mode == "private":
                 with torch.no_grad():

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedslip.model.adapters import LoRADropout
+
 
 class MixtureWeights(nn.Module):
     """The K mixture logits of one client (zeros = the uniform mixture) and their training noise."""
@@ -53,7 +55,7 @@ class MixtureLoRALinear(nn.Module):
         self.base = base
         self.k, self.r = router.k, rank
         self.scale = alpha / rank
-        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.drop = LoRADropout(dropout)
         self.mix_A = nn.Parameter(torch.zeros(self.k, rank, base.in_features))
         self.mix_B = nn.Parameter(torch.zeros(self.k, base.out_features, rank))
         if owns_router:
@@ -63,11 +65,11 @@ class MixtureLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        xd = self.drop(x)
+        xd, keep = self.drop(x)
         a = self.mix_A.reshape(self.k * self.r, -1)
         b = self.mix_B.permute(1, 0, 2).reshape(-1, self.k * self.r)
         b = b * self.router.probs().repeat_interleave(self.r)
-        return y + F.linear(F.linear(xd, a), b) * self.scale
+        return y + F.linear(F.linear(xd, a), b) * (self.scale * keep)
 
 
 def mixture_factory(router: MixtureWeights, rank: int, alpha: float, dropout: float):
