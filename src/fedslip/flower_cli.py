@@ -36,6 +36,9 @@ def add_commands(sub, common) -> None:
     fl.add_argument("--runtime", choices=("local", "simulation"), default="local",
                     help="local: in-process grid (no Ray); simulation: Flower's simulation engine (Ray)")
     fl.add_argument("--cpus", type=int, default=2, help="simulation: CPUs Ray may use (default 2)")
+    fl.add_argument("--gpus", type=float, default=None,
+                    help="simulation: GPUs Ray may use (default: every visible CUDA device), shared evenly "
+                         "by the ClientApps that run at once")
     fl.add_argument("--timeout", type=float, default=3600.0, help="simulation: seconds to wait (default 3600)")
     fl.add_argument("--workdir", help="folder for node state and logs (default: a temp folder)")
     fl.set_defaults(flower_handler=_flower)
@@ -105,18 +108,22 @@ def _flower(args: argparse.Namespace) -> int:
         server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc))
     else:
         try:
-            run_simulation(rc, workdir, n, cpus=args.cpus, timeout=args.timeout)
+            run_simulation(rc, workdir, n, cpus=args.cpus, gpus=args.gpus, timeout=args.timeout)
         except (RuntimeError, TimeoutError) as e:
             return _failed(e, workdir)
     return _report(out, workdir, start)
 
 
-def run_simulation(rc: dict, workdir: Path, n_nodes: int, cpus: int = 2, timeout: float = 3600.0) -> dict:
+def run_simulation(rc: dict, workdir: Path, n_nodes: int, cpus: int = 2, gpus: float | None = None,
+                   timeout: float = 3600.0) -> dict:
     """`flwr run` on Flower's simulation engine (Ray), behind a SuperLink started (and stopped) for this run."""
     from fedslip.federation.flower.loopback import Loopback
 
-    federation = {"num-supernodes": n_nodes, "client-resources-num-cpus": 1, "client-resources-num-gpus": 0.0,
-                  "init-args-num-cpus": cpus, "init-args-num-gpus": 0}
+    gpus = gpu_count() if gpus is None else gpus
+    per_client = min(1.0, gpus / min(cpus, n_nodes)) if gpus else 0.0  # the ClientApps running at once share them
+    federation = {"num-supernodes": n_nodes, "client-resources-num-cpus": 1,
+                  "client-resources-num-gpus": round(per_client, 4),
+                  "init-args-num-cpus": cpus, "init-args-num-gpus": gpus}
     with Loopback(workdir, n_nodes, insecure=True, simulation=True) as lb:
         run_id = lb.submit(rc, federation)
         info = lb.wait(run_id, timeout)
@@ -124,3 +131,9 @@ def run_simulation(rc: dict, workdir: Path, n_nodes: int, cpus: int = 2, timeout
     if info["status"] != "finished:completed" or not (Path(rc["out"]) / "results.json").is_file():
         raise RuntimeError(f"simulation run {run_id} ended as {info['status']}; see {workdir}/run.log")
     return info
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
