@@ -11,9 +11,9 @@ its weights by magnitude. Each batch:
 Masks are re-chosen from the private weights' magnitudes after each warmup round and frozen after. Since
 the private track takes no steps during warmup, those re-chosen masks equal the initial ones; the mask of
 the zero-initialised B is then a seeded random 25 % (ties broken at random). Inference adds both tracks
-("zero-shot personalization"). The classification head belongs to the global track (trained in the global
-step, averaged and sent with it), as in the reference, whose "4.5 MB per round" is exactly LoRA q/v plus
-the classifier for 4 clients up and down; `method.head = "frozen"` sends the LoRA tensors alone.
+("zero-shot personalization"). The classification head belongs to the global track by default (trained in
+the global step, averaged and sent with it). The reference kept FedSLIP's head frozen at its random init
+(its "4.5 MB per round" is LoRA q/v alone): `method.head = "frozen"` does that and sends LoRA alone.
 """
 
 from __future__ import annotations
