@@ -126,3 +126,11 @@ def test_a_log_gets_one_plain_line_per_round(tmp_path, capsys):
     assert "loss" in lines[0] and "MiB" in lines[0] and "left ~" in lines[0]
     assert "round 2:" in lines[1] and "personal" in lines[1]  # scored after the last round
     assert "\x1b[" not in err  # no terminal control codes in a log
+
+
+def test_run_takes_the_method_a_config_file_names(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('[method]\nname = "fedavg"\n', encoding="utf-8")
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(toml), "--out", str(out), "--quiet", *sets(["method.kstep=false"])]) == 0
+    assert list(json.loads((out / "results.json").read_text())["methods"]) == ["fedavg"]

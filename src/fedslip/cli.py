@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "split":
             return _split(args)
         if args.command == "run":
-            methods = method_list(args.method or "fedslip")
+            # --method, else the config's method.name (a --config file may set it), else fedslip
+            methods = method_list(args.method or config_from_args(args, None).method.name)
             return _execute(args, methods[:1], out_dir(args, f"runs/{methods[0]}"))
         methods = method_list(args.methods)
         return _execute(args, methods, out_dir(args, "runs/compare"))
