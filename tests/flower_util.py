@@ -64,7 +64,7 @@ def ledger_rows(ledger) -> list[tuple]:
             for e in ledger.entries]
 
 
-def flower_run(tmp, method, prep, sections, before_round=None, run_id=11, n_nodes=4, drops=None):
+def flower_run(tmp, method, prep, sections, before_round=None, run_id=11, n_nodes=4, drops=None, **run_extra):
     """Run the registered ServerApp over 4 in-process nodes with state folders; return (server, grid, out)."""
     from flwr.app import Context, RecordDict
 
@@ -74,7 +74,7 @@ def flower_run(tmp, method, prep, sections, before_round=None, run_id=11, n_node
     from fedslip.federation.flower.local_grid import LocalGrid
 
     out = tmp / "out"
-    rc = run_config(method, out=out, **sections)
+    rc = {**run_config(method, out=out, **sections), **run_extra}
     cfg = config_from_run(rc)
     runtime_for(cfg, dataclasses.replace(prep, cfg=cfg))  # reuse the session's tokenized data and backbone
     nodes = [{"partition-id": k, "num-partitions": n_nodes, "state-dir": str(tmp / f"node{k}")} for k in range(n_nodes)]

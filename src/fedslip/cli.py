@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedslip.cli_common import Parser, add_common, config_from_args, method_list, out_dir
+from fedslip.cli_common import Parser, add_common, check_out, config_from_args, method_list, out_dir
 from fedslip.errors import UserError
 
 
@@ -91,18 +91,6 @@ def _split(args) -> int:
     print(f"node k: --node-config 'partition-id=k num-partitions={len(split.train)} "
           f"train-file=\"{out.resolve()}/clientk/train.csv\" test-file=\"{out.resolve()}/clientk/test.csv\"'")
     return 0
-
-
-def check_out(args, out: Path) -> None:
-    """Refuse (one line) to overwrite an earlier run's checkpoint, or to resume without one."""
-    from fedslip.federation import checkpoint
-
-    found = checkpoint.existing(out)
-    if found and not args.resume:
-        raise UserError(f"{out} holds the checkpoint of an earlier run ({', '.join(p.stem for p in found)}): "
-                        "add --resume to go on with it, or choose another --out")
-    if args.resume and not found:
-        raise UserError(f"--resume: {out} holds no checkpoint ({out}/{checkpoint.STATE_DIR}/ is missing)")
 
 
 def resumable(out: Path, prep, methods: list[str]) -> dict[str, Path]:

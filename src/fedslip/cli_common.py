@@ -51,3 +51,15 @@ def out_dir(args, default: str) -> Path:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
     return out
+
+
+def check_out(args, out: Path) -> None:
+    """Refuse (one line) to overwrite an earlier run's checkpoint, or to resume without one."""
+    from fedslip.federation import checkpoint
+
+    found = checkpoint.existing(out)
+    if found and not args.resume:
+        raise UserError(f"{out} holds the checkpoint of an earlier run ({', '.join(p.stem for p in found)}): "
+                        "add --resume to go on with it, or choose another --out")
+    if args.resume and not found:
+        raise UserError(f"--resume: {out} holds no checkpoint ({out}/{checkpoint.STATE_DIR}/ is missing)")

@@ -23,6 +23,7 @@ def add_commands(sub, common) -> None:
     dep = sub.add_parser("deploy", help="run one method on a SuperLink + one SuperNode per client on 127.0.0.1")
     common(dep)
     dep.add_argument("--method", help="method name (default fedslip)")
+    dep.add_argument("--resume", action="store_true", help="go on from the checkpoint in --out")
     dep.add_argument("--insecure", action="store_true", help="no TLS and no SuperNode authentication (debugging)")
     dep.add_argument("--min-available", type=int, default=0, help="clients that must be online (default: all)")
     dep.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run (default 3600)")
@@ -33,6 +34,7 @@ def add_commands(sub, common) -> None:
                                        "simulation engine")
     common(fl)
     fl.add_argument("--method", help="method name (default fedslip)")
+    fl.add_argument("--resume", action="store_true", help="go on from the checkpoint in --out")
     fl.add_argument("--runtime", choices=("local", "simulation"), default="local",
                     help="local: in-process grid (no Ray); simulation: Flower's simulation engine (Ray)")
     fl.add_argument("--cpus", type=int, default=2, help="simulation: CPUs Ray may use (default 2)")
@@ -45,7 +47,7 @@ def add_commands(sub, common) -> None:
 
 
 def _prepare_run(args, default_out: str):
-    from fedslip.cli_common import config_from_args, method_list, out_dir, toml_str
+    from fedslip.cli_common import check_out, config_from_args, method_list, out_dir, toml_str
     from fedslip.errors import UserError
     from fedslip.federation.flower.deploy import run_config_for
 
@@ -56,10 +58,12 @@ def _prepare_run(args, default_out: str):
     method = method_list(args.method or "fedslip")[0]
     cfg = config_from_args(args, method)  # validated here: a bad config stops before anything starts
     out = out_dir(args, default_out.format(method=method))
+    check_out(args, out)
     sets = list(args.sets)
     if args.data_dir:
         sets.append(f"data.data_dir={toml_str(str(Path(args.data_dir).resolve()))}")
     rc = run_config_for(args.preset, method, args.config, sets, out, getattr(args, "min_available", 0))
+    rc["resume"] = bool(args.resume)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fedslip-flower-")).resolve()
     return cfg, rc, out, workdir
 

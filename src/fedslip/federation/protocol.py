@@ -246,7 +246,8 @@ class RoundProtocol:
         meta = {"fingerprint": fingerprint(self.prep, self.method.name), "finished": finished,
                 "rounds": rounds_to_json(result.rounds), "ledger": ledger_to_json(self.ledger),
                 "pending": self.pending.round if self.pending else None, "kstep": self.kstep,
-                "wall_time_s": wall_time_s}
+                "wall_time_s": wall_time_s,
+                "transport": getattr(self.transport, "checkpoint_meta", dict)()}
         if finished:
             meta["result"] = {"clients": [asdict(c) for c in result.clients], "final": result.final}
         save_checkpoint(path, self.glob, self.client_states(), meta, self.crash)
@@ -261,6 +262,8 @@ class RoundProtocol:
         rounds = rounds_from_json(meta["rounds"])
         self.pending = next((r for r in rounds if r.round == meta["pending"]), None)
         self.kstep = {int(k): v for k, v in meta["kstep"].items()}
+        if hasattr(self.transport, "restore_meta"):
+            self.transport.restore_meta(meta.get("transport", {}))
         result = MethodResult(method=self.method.name, rounds=rounds)
         if meta["finished"]:
             result = result_from_json({"method": self.method.name, "rounds": meta["rounds"],

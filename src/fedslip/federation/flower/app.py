@@ -34,6 +34,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedslip.federation.flower import client
 from fedslip.federation.flower.mods import wire_mod
 from fedslip.errors import UserError
+from fedslip.federation.checkpoint import path_for
 from fedslip.federation.flower.runtime import RUN_DEFAULTS, config_from_run, node_data, runtime_for
 from fedslip.federation.flower.server import FlowerServer
 
@@ -73,10 +74,12 @@ def server_main(grid: Grid, context: Context) -> None:
     cfg = config_from_run(context.run_config)
     out = Path(str({**RUN_DEFAULTS, **dict(context.run_config)}["out"])).expanduser().resolve()
     server = FlowerServer(grid, cfg, context.run_config)
+    server.transport.run_key = str(context.run_id)  # a resumed run takes the key of the run it resumes
+    resume = bool({**RUN_DEFAULTS, **dict(context.run_config)}["resume"])
     log.info("fedslip %s on Flower: %d partitions (min available %d), %d rounds, strategy %s; output %s",
              cfg.method.name, server.n_clients, server.transport.min_available, server.method.rounds(),
              getattr(server.aggregation, "name", "method"), out)
-    result, _ = server.run()
+    result, _ = server.run(path_for(out, cfg.method.name), resume)
     server.write(out, result, time.perf_counter() - start, type(grid).__name__, int(context.run_id))
     log.info("fedslip: wrote %s (global acc %s, %.3f MiB in total)", out, result.final.get("global_acc"),
              result.final.get("mib_total"))

@@ -1,9 +1,13 @@
 """The ClientApp's side: a Flower Message becomes a `Request` for the shared `ClientSide`, its `Answer` a reply.
 
 A node's private state (`ClientState`) lives in its `Context.state` and, when the node config has
-`state-dir`, in `<state-dir>/run-<run_id>-partition-<k>.safetensors` after every round it trained, so a
-restarted SuperNode resumes with its private track. It is never put in a message. `<state-dir>/events.jsonl`
-records saves and resumes with value digests of the private tensors, for the audit (`audit.py`).
+`state-dir`, on its disk after every round it trained: `run-<key>-partition-<k>-round-<t>.safetensors` (the
+last few rounds) and `run-<key>-partition-<k>.safetensors` (the latest). `<key>` is the run key the server
+sends (its first Flower run id, kept when a run resumes), so a restarted SuperNode, or a resumed run,
+finds its private track. A request for round t uses the state of the node's last training round before t:
+a node that trained a round the server then lost (it crashed before its checkpoint) goes back one round.
+The state is never put in a message. `<state-dir>/events.jsonl` records saves and resumes with value
+digests of the private tensors, for the audit (`audit.py`).
 """
 
 from __future__ import annotations
@@ -94,9 +98,22 @@ def upload_of(content: RecordDict) -> Payload | None:
 
 
 # --- the node's private state -----------------------------------------------------------------------------
-def state_file(context: Context, pid: int) -> Path | None:
+KEEP_ROUNDS = 3  # per-round state files kept on a node
+
+
+def state_file(context: Context, pid: int, key: str, rnd: int | None = None) -> Path | None:
     folder = context.node_config.get("state-dir")
-    return Path(str(folder)) / f"run-{context.run_id}-partition-{pid}.safetensors" if folder else None
+    suffix = "" if rnd is None else f"-round-{rnd}"
+    return Path(str(folder)) / f"run-{key}-partition-{pid}{suffix}.safetensors" if folder else None
+
+
+def saved_rounds(context: Context, pid: int, key: str) -> list[int]:
+    first = state_file(context, pid, key, 0)
+    if first is None or not first.parent.is_dir():
+        return []
+    prefix = first.name.removesuffix("0.safetensors")
+    return sorted(int(p.name[len(prefix):-len(".safetensors")]) for p in first.parent.glob(f"{prefix}*.safetensors")
+                  if p.name[len(prefix):-len(".safetensors")].isdigit())
 
 
 def _event(context: Context, **row) -> None:
@@ -107,23 +124,31 @@ def _event(context: Context, **row) -> None:
             f.write(json.dumps({"time": time.time(), "run_id": int(context.run_id), **row}) + "\n")
 
 
-def load_client_state(side, context: Context, pid: int) -> ClientState:
-    """The node's private state: from Context.state, else from its disk (a restarted node), else fresh."""
+def load_client_state(side, context: Context, pid: int, key: str, before: int) -> ClientState:
+    """The node's state as of its last training round before `before`: from Context.state, else from its
+    disk (a restarted node, or one a resumed run sends back a round), else fresh."""
     got = state_from_context(context)
-    if got is None and (path := state_file(context, pid)) is not None:
-        got = load_state_file(path)
-        if got is not None:
+    if got is not None and (str(got[1].get("run-key")) != key or int(got[1]["round"]) >= before):
+        got = None
+    if got is None:
+        earlier = [r for r in saved_rounds(context, pid, key) if r < before]
+        if earlier:
+            path = state_file(context, pid, key, earlier[-1])
+            got = load_state_file(path)
             state, meta = got
             _event(context, event="resume", partition=pid, round=int(meta["round"]), digest=state_digest(state))
             log.info("partition %d: resumed private state of round %s from %s", pid, meta["round"], path)
     return got[0] if got is not None else side.fresh_state(pid)
 
 
-def store_client_state(context: Context, pid: int, state: ClientState, rnd: int) -> None:
-    meta = {"round": rnd, "partition-id": pid}
+def store_client_state(context: Context, pid: int, state: ClientState, rnd: int, key: str) -> None:
+    meta = {"round": rnd, "partition-id": pid, "run-key": key}
     state_to_context(context, state, meta)
-    if (path := state_file(context, pid)) is not None:
+    if (path := state_file(context, pid, key, rnd)) is not None:
         save_state_file(path, state, meta)
+        save_state_file(state_file(context, pid, key), state, meta)
+        for old in saved_rounds(context, pid, key)[:-KEEP_ROUNDS]:
+            state_file(context, pid, key, old).unlink(missing_ok=True)
         _event(context, event="save", partition=pid, round=rnd, digest=state_digest(state),
                private=private_fingerprints(state))
 
@@ -132,8 +157,9 @@ def handle(side, n_clients: int, msg: Message, context: Context) -> Message:
     """Train and evaluate messages alike: the shared client side, the state kept on the node."""
     pid = partition(context, n_clients)
     req = message_request(msg, pid)
-    state = load_client_state(side, context, pid)
+    key = str(req.config.pop("run-key", context.run_id))
+    state = load_client_state(side, context, pid, key, req.round if req.kind == TRAIN else req.round + 1)
     answer, state = side.handle(req, state)
     if req.kind == TRAIN:
-        store_client_state(context, pid, state, req.round)
+        store_client_state(context, pid, state, req.round, key)
     return Message(answer_content(answer), reply_to=msg)

@@ -17,7 +17,7 @@ from fedslip.methods import METHODS, method_for
 
 RUN_DEFAULTS: dict[str, Any] = {"preset": "", "method": "fedslip", "config-file": "", "overrides": "",
                                 "out": "runs/flower", "min-available": 0, "round-timeout": 600.0,
-                                "node-data": False}
+                                "node-data": False, "resume": False}
 # Node config keys of a SuperNode that reads only its own files (run config node-data = true)
 NODE_FILES = ("train-file", "test-file", "global-test-file")
 

@@ -40,10 +40,19 @@ class FlowerTransport:
         self.node_partition: dict[int, int] = {}
         self.failures: list[dict] = []
         self.node_info: dict[int, dict] = {}  # partition -> sizes and dominant label, as the node reported
+        self.run_key = ""  # names the nodes' state files; kept when a run resumes
+
+    def checkpoint_meta(self) -> dict:
+        return {"run_key": self.run_key}
+
+    def restore_meta(self, meta: dict) -> None:
+        self.run_key = meta.get("run_key", self.run_key)
 
     def exchange(self, requests: list[Request], tick: Callable[[], None] = lambda: None) -> dict[int, Reply]:
         self.refresh_nodes(self.min_available, self.timeout)
         live = [r for r in requests if r.cid in self.partition_node]
+        for r in live:
+            r.config["run-key"] = self.run_key
         messages = [request_message(r, self.partition_node[r.cid]) for r in live]
         got, failed = self._send(messages, [r.cid for r in live])
         out = {}
