@@ -106,3 +106,28 @@ def test_lora_dropout_is_unbiased_and_off_in_eval():
     assert abs(float((dropped == 0).float().mean()) - 0.3) < 0.01  # the rate asked for
     assert not torch.allclose(draws[0], clean)  # training draws differ
     torch.testing.assert_close(draws.mean(0), clean, rtol=0, atol=0.05 * float(clean.abs().max()))
+
+
+@pytest.mark.parametrize("kind", ["bert", "distilbert"])
+def test_cheap_dropout_backbone_computes_what_the_original_computes(kind):
+    """Eval mode, a padded batch: the same logits as the model as loaded (masking included); in training,
+    the backbone's dropouts and attention dropout draw cheap masks at the backbone's own rate."""
+    from fedslip.model.adapted import AdaptedModel
+    from fedslip.model.backbone import load_backbone
+    from fedslip.model.cheap_dropout import CheapDropout
+
+    backbone = load_backbone(f"tiny-random:{kind}", 3, 0)
+    model = AdaptedModel.dual(backbone, None, 2, 4.0, 0, 1.0, 0.0)
+    ids = torch.randint(1000, 2000, (4, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    mask[3, 2:] = 0
+    with torch.no_grad():
+        want = backbone.model(input_ids=ids, attention_mask=mask).logits
+        got = model.logits(ids, mask)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    drops = [m for m in model.net.modules() if isinstance(m, CheapDropout)]
+    assert drops and not any(type(m) is nn.Dropout for m in model.net.modules())
+    model.net.train()
+    with torch.no_grad():
+        assert not torch.allclose(model.logits(ids, mask), model.logits(ids, mask))  # dropout is on

@@ -21,6 +21,7 @@ from torch import nn
 from fedslip.errors import UserError
 from fedslip.model.adapters import DualLoRALinear, inject, lora_pair, magnitude_mask
 from fedslip.model.backbone import Backbone, is_head, target_modules
+from fedslip.model.cheap_dropout import use_cheap_dropout
 
 Tensors = dict[str, torch.Tensor]
 
@@ -62,10 +63,10 @@ class AdaptedModel:
 
         On CPU, attention runs as plain matmuls ("eager"): for the short sequences of text classification
         its backward pass is 2x faster in bf16 than PyTorch's fused CPU attention (and as fast in fp32;
-        `benchmarks/throughput.py`)."""
+        `benchmarks/throughput.py`), and the backbone's own dropout draws cheap masks (`cheap_dropout`)."""
         self.net.to(self.device)
         if self.device.type == "cpu" and hasattr(self.net, "set_attn_implementation"):
-            self.net.set_attn_implementation("eager")
+            use_cheap_dropout(self.net)
         ours = {id(t) for t in self._tensors.values()}
         for t in [*self.net.parameters(), *self.net.buffers()]:
             if id(t) not in ours and t.is_floating_point():

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedslip.errors import UserError
+from fedslip.model.cheap_dropout import kept_mask
 
 MODES = ("global", "both", "private")
 
@@ -52,20 +53,18 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float, generator: torch.Gener
 
 
 class LoRADropout(nn.Module):
-    """LoRA's dropout on a layer's input, as PEFT, with a mask from 15-bit random integers (cheaper on CPU
-    than nn.Dropout's Bernoulli draws). Returns the masked input and the 1/(1-p) to fold into the LoRA
-    output's scale, so the input is not rescaled."""
+    """LoRA's dropout on a layer's input, as PEFT, with the cheap masks of `cheap_dropout`. Returns the
+    masked input and the 1/(1-p) to fold into the LoRA output's scale, so the input is not rescaled."""
 
     def __init__(self, p: float):
         super().__init__()
-        self.cut = round(p * 2**15)
-        self.keep_scale = 1.0 / (1.0 - self.cut / 2**15)
+        self.p = p
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        if not (self.training and self.cut):
+        if not (self.training and self.p > 0):
             return x, 1.0
-        kept = torch.empty(x.shape, dtype=torch.int16, device=x.device).random_(0, 2**15) >= self.cut
-        return x * kept, self.keep_scale
+        kept, scale = kept_mask(x, self.p)
+        return x * kept, scale
 
 
 class DualLoRALinear(nn.Module):
