@@ -1,1 +1,1 @@
-"""Runtimes that drive methods: the in-process simulation engine (and later Flower)."""
+"""The federation: one round protocol (`protocol.py`) over two transports, in-process and Flower (`flower/`)."""
