@@ -6,6 +6,14 @@ import sys
 import time
 
 
+def scores(evaluated) -> str:
+    """'round t: global x% personal y%' of an evaluated round record (NaN: a client that did not answer)."""
+    accs = [a for a in (evaluated.personal_acc or []) if a == a]
+    glob = f" global {100 * evaluated.global_acc:.1f}%" if evaluated.global_acc is not None else ""
+    pers = f" personal {100 * sum(accs) / len(accs):.1f}%" if accs else ""
+    return f"round {evaluated.round}:{glob}{pers}"
+
+
 class NullTask:
     def advance(self, record=None, evaluated=None) -> None:
         pass
@@ -35,10 +43,7 @@ class RichTask:
         if record is not None:
             extra = f"loss {record.train_loss:.3f}"
         if evaluated is not None:
-            accs = [a for a in (evaluated.personal_acc or []) if a == a]  # NaN: a client that did not answer
-            pers = f" personal {100 * sum(accs) / len(accs):.1f}%" if accs else ""
-            glob = f" global {100 * evaluated.global_acc:.1f}%" if evaluated.global_acc is not None else ""
-            extra += f" (round {evaluated.round}:{glob}{pers})"
+            extra += f" ({scores(evaluated)})"
         self.progress.update(self.id, advance=1, **({"status": extra} if extra else {}))
 
     def done(self) -> None:
@@ -81,10 +86,7 @@ class PlainTask:
         left = elapsed / self.done_n * (self.total - self.done_n)
         parts = [f"{self.description} {self.done_n}/{self.total}", f"loss {record.train_loss:.4f}"]
         if evaluated is not None:
-            accs = [a for a in (evaluated.personal_acc or []) if a == a]
-            glob = f" global {100 * evaluated.global_acc:.1f}%" if evaluated.global_acc is not None else ""
-            pers = f" personal {100 * sum(accs) / len(accs):.1f}%" if accs else ""
-            parts.append(f"round {evaluated.round}:{glob}{pers}")
+            parts.append(scores(evaluated))
         parts += [f"{record.mib_round:.3f} MiB", f"elapsed {_clock(elapsed)}", f"left ~{_clock(left)}"]
         if getattr(record, "checkpoint", ""):
             parts.append(f"checkpoint {record.checkpoint}")

@@ -82,16 +82,22 @@ def save(path: Path, glob: dict, clients: list[ClientState] | None, meta: dict[s
     os.replace(tmp, path)
 
 
-def read_meta(path: Path) -> dict[str, Any]:
-    """The checkpoint's JSON part only (no tensors read)."""
+def _read(path: Path, tensors: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The checkpoint's JSON part and (if asked) its tensors; an unreadable file is one clear line."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return json.loads(f.metadata()["fedslip"])
+            meta = json.loads(f.metadata()["fedslip"])
+            return meta, ({k: f.get_tensor(k) for k in f.keys()} if tensors else {})
     except (SafetensorError, OSError, KeyError, TypeError, ValueError) as e:
         raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e)[:120]}); "
                         "delete it to start over") from None
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """The checkpoint's JSON part only (no tensors read)."""
+    return _read(path, tensors=False)[0]
 
 
 def check(path: Path, prep, method: str) -> None:
@@ -102,15 +108,7 @@ def check(path: Path, prep, method: str) -> None:
 
 
 def load(path: Path) -> tuple[dict, list[ClientState] | None, dict[str, Any]]:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["fedslip"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as e:
-        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e)[:120]}); "
-                        "delete it to start over") from None
+    meta, tensors = _read(path, tensors=True)
     glob = {n[len("glob/"):]: t for n, t in tensors.items() if n.startswith("glob/")}
     clients = None
     if meta.get("has_clients"):
