@@ -13,7 +13,7 @@ from fedslip.evaluation.tables import COLUMNS, OPTIONAL, ZERO_HIDDEN, comparison
 N_CLIENTS = 4
 N_ROUNDS = 4
 ACC_KEYS = {"global_acc", "client_acc_mean", "personal_acc_mean", "personal_acc_weighted", "personal_acc_worst",
-            "kstep_acc_mean"}
+            "persistent_acc_mean", "kstep_acc_mean"}
 
 
 def _accs(base: float, r: int) -> list[float]:
@@ -61,7 +61,7 @@ def _local() -> MethodResult:
     clients = [ClientRecord(client=c, n_train=100, n_test=20, dominant_label=c % 2, client_acc=None,
                             personal_acc=0.5 + 0.05 * c) for c in range(N_CLIENTS)]
     final = {"global_acc": None, "client_acc_mean": None, "personal_acc_mean": 0.575,
-             "personal_acc_weighted": 0.57, "personal_acc_worst": 0.5, "kstep_acc_mean": None,
+             "persistent_acc_mean": 0.575, "personal_acc_weighted": 0.57, "personal_acc_worst": 0.5, "kstep_acc_mean": None,
              "train_loss": 0.9, "mib_per_round": 0.0, "mib_total": 0.0, "up_params": 0.0,
              "eval_mib_per_round": 0.0, "failed_uploads": 0, "rejected_uploads": 0}
     return MethodResult(method="local", rounds=rounds, clients=clients, final=final, wall_time_s=3.0)
@@ -150,7 +150,7 @@ def test_final_table_for_one_method(results):
     fedslip = results[-1]
     md = final_table_markdown(fedslip)
     cells = dict((r[0], r[1]) for r in _md_cells(md))
-    assert cells["Personalized accuracy, mean (%)"] == f"{100 * fedslip.final['personal_acc_mean']:.1f}"
+    assert cells["Personalized accuracy, synced, mean (%)"] == f"{100 * fedslip.final['personal_acc_mean']:.1f}"
     assert cells["K-step accuracy, mean (%)"] == "—"
     assert cells["MiB total"] == f"{fedslip.final['mib_total']:.3f}"
 

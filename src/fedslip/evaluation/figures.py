@@ -28,8 +28,9 @@ from fedslip.evaluation.records import MethodResult, RoundRecord
 
 _LINESTYLES = ["-", "--", ":", "-."]
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
-_HATCH = {"personal": "", "global": "//", "kstep": ".."}
-_KIND_LABEL = {"personal": "personalized", "global": "global model", "kstep": "K-step"}
+_HATCH = {"personal": "", "persistent": "xx", "global": "//", "kstep": ".."}
+_KIND_LABEL = {"personal": "personal, synced", "persistent": "personal, persistent", "global": "global model",
+               "kstep": "K-step"}
 _MAX_PER_CLIENT_METHODS = 2  # panel 4: above this many methods or lines, only the headline (last) method is drawn
 _MAX_PER_CLIENT_LINES = 16
 _MAX_BAR_SERIES = 8  # panel 5: above this, methods with personalized bars lose their global-model bars
@@ -216,21 +217,23 @@ def _bar_series(results: Sequence[MethodResult]) -> list[tuple[str, str, dict[in
     """(method, kind, {client id: accuracy}) for every accuracy a method has on its clients.
 
     A global-model series identical to the method's personalized one (e.g. fedavg, where the personal
-    model is the global one) is dropped as a duplicate.
+    model is the global one), or a persistent one identical to the synced one (local), is dropped.
     """
     out = []
     for r in results:
         got = {}
-        for kind, attr in (("personal", "personal_acc"), ("global", "client_acc"), ("kstep", "kstep_acc")):
+        for kind, attr in (("personal", "personal_acc"), ("persistent", "persistent_acc"), ("global", "client_acc"),
+                           ("kstep", "kstep_acc")):
             vals = {c.client: getattr(c, attr) for c in r.clients if getattr(c, attr) is not None}
             if vals:
                 got[kind] = vals
-        if "personal" in got and got.get("global") == got["personal"]:
-            del got["global"]
+        for twin in ("global", "persistent"):
+            if "personal" in got and got.get(twin) == got["personal"]:
+                del got[twin]
         out += [(r.method, kind, vals) for kind, vals in got.items()]
     if len(out) > _MAX_BAR_SERIES:
         has_personal = {m for m, k, _ in out if k == "personal"}
-        out = [s for s in out if not (s[1] == "global" and s[0] in has_personal)]
+        out = [s for s in out if not (s[1] in ("global", "persistent") and s[0] in has_personal)]
     return out
 
 

@@ -45,7 +45,7 @@ def summarize(result: MethodResult, ledger: Ledger) -> dict[str, float | None]:
     last = next(r for r in reversed(result.rounds) if r.evaluated)
     weights = [c.n_test for c in result.clients]
     final: dict[str, float | None] = {"global_acc": last.global_acc}
-    for key in ("client_acc", "personal_acc", "kstep_acc"):
+    for key in ("client_acc", "personal_acc", "persistent_acc", "kstep_acc"):
         mean, weighted, worst = _means([getattr(c, key) for c in result.clients], weights)
         final.update({f"{key}_mean": mean, f"{key}_weighted": weighted, f"{key}_worst": worst})
     final["train_loss"] = result.rounds[-1].train_loss

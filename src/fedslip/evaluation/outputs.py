@@ -58,7 +58,7 @@ def _rounds_rows(results: list[MethodResult]) -> list[dict]:
                    "mib_cumulative": r.mib_cumulative, "eval_mib": r.eval_mib,
                    "failed": " ".join(map(str, r.failed)), "rejected": " ".join(map(str, r.rejected)),
                    "evaluated": r.evaluated, "global_acc": r.global_acc}
-            for key in ("client_acc", "personal_acc"):
+            for key in ("client_acc", "personal_acc", "persistent_acc"):
                 values = getattr(r, key)
                 row[f"{key}_mean"] = sum(values) / len(values) if values else None
                 for k in range(len(res.clients)):

@@ -18,11 +18,12 @@ class RoundRecord:
     evaluated: bool = False
     global_acc: float | None = None  # balanced global test set, global model
     client_acc: list[float] | None = None  # global model on each client's own test set
-    personal_acc: list[float] | None = None  # each client's own (zero-shot personalized) model
+    personal_acc: list[float] | None = None  # personal, synced: the client's own state on this global model
     participants: list[int] = field(default_factory=list)  # clients whose uploads were aggregated
     failed: list[int] = field(default_factory=list)  # selected, but no upload arrived
     rejected: list[int] = field(default_factory=list)  # an upload arrived and failed the server's checks
     eval_mib: float = 0.0  # MiB of evaluation-only downloads that scored this round's model
+    persistent_acc: list[float] | None = None  # personal, persistent: the model as it left its last training
 
 
 @dataclass
@@ -32,8 +33,9 @@ class ClientRecord:
     n_test: int
     dominant_label: int | None  # the client's most frequent training label
     client_acc: float | None  # global model on this client's test set (last round)
-    personal_acc: float | None  # this client's own model, no extra fine-tuning (last round)
+    personal_acc: float | None  # personal, synced: own state on the final global model, no extra fine-tuning
     kstep_acc: float | None = None  # fedavg: after K local fine-tuning steps from the final global model
+    persistent_acc: float | None = None  # personal, persistent: the model as it left its last local training
 
 
 @dataclass

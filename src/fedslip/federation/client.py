@@ -41,6 +41,8 @@ class ClientSide:
             torch.manual_seed(derive(self.seed, "dropout", req.cid, req.round))
             data = self.data(req.cid, req.round)
             answer.upload, state, metrics = self.method.local_update(self.model, req.payload, state, data, req.round)
+            if self.method.persistent:
+                state.sent = {n: t.clone() for n, t in answer.upload.items()}
             answer.metrics = {"num-examples": len(data), **{k: float(v) for k, v in metrics.items()}}
         return answer, state
 
@@ -59,6 +61,9 @@ class ClientSide:
         if method.personalizes:
             out["personal-acc"] = group_accuracy(model, method.personal_view(model, down, state), "both",
                                                  prep.test, [own], bs)[0]
+        persistent = method.persistent_view(model, down, state)
+        if persistent is not None:
+            out["persistent-acc"] = group_accuracy(model, persistent, "both", prep.test, [own], bs)[0]
         if ask.kstep and hasattr(method, "kstep_view") and self.cfg.method.kstep:
             torch.manual_seed(derive(self.seed, "kstep-dropout", cid))
             kview = method.kstep_view(model, down, state, self.data(cid, 0))

@@ -182,6 +182,8 @@ class RoundProtocol:
             record.global_acc = float(np.mean(scores)) if scores else None
             record.client_acc = per_client("client-acc")
         record.personal_acc = per_client("personal-acc") if self.method.personalizes else record.client_acc
+        persistent = per_client("persistent-acc")
+        record.persistent_acc = persistent if any(not math.isnan(a) for a in persistent) else None
         record.eval_mib = self.ledger.mib_round(record.round, kind="eval")
         record.evaluated = True
         self.kstep = {k: float(a["kstep-acc"]) for k, a in answers.items() if "kstep-acc" in a}
@@ -281,7 +283,8 @@ class RoundProtocol:
                              dominant_label=prep.clients[k]["dominant_label"],
                              client_acc=_finite(last.client_acc[k]) if last.client_acc else None,
                              personal_acc=_finite(last.personal_acc[k]) if last.personal_acc else None,
-                             kstep_acc=self.kstep.get(k))
+                             kstep_acc=self.kstep.get(k),
+                             persistent_acc=_finite(last.persistent_acc[k]) if last.persistent_acc else None)
                 for k in range(self.n_clients)]
 
 

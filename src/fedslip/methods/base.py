@@ -10,7 +10,8 @@ A method owns nothing but policy. The engine owns the model, the data and the lo
     upload_spec(model, glob, cid, r)            -> names, shapes, dtypes of an honest upload
     aggregate(ups, glob, r, participants)       -> glob        participants: the clients whose uploads
                                                                arrived and passed the checks, as ups
-    global_view / personal_view                 -> what to evaluate
+    global_view / personal_view                 -> what to evaluate (personal: final global + own state)
+    persistent_view                             -> the client's model as it left its last local training
 
 A `Payload` (flat name -> tensor dict) is the only thing that crosses the client/server boundary; the
 engine serializes every payload and the ledger counts those bytes.
@@ -68,6 +69,7 @@ class Method:
     personalizes = False  # personal_view differs from global_view
     communicates = True
     uploads_deltas = False  # uploads are changes, not values (the norm check then takes them whole)
+    persistent = True  # an upload holds the trained values, so the client can keep its last model (`sent`)
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -177,7 +179,15 @@ class Method:
         return {**model.head_init, **glob, **head}
 
     def personal_view(self, model: AdaptedModel, glob: Tensors, client: ClientState) -> Tensors:
+        """"Personal, synced": what the client holds on top of the latest global model."""
         return self.client_view(model, glob, client)
+
+    def persistent_view(self, model: AdaptedModel, glob: Tensors, client: ClientState) -> Tensors | None:
+        """"Personal, persistent": the client's model as it left its last local training, never re-synced
+        (its own last upload in place of the global values); None before it first trained."""
+        if not self.persistent or not client.sent:
+            return None
+        return {**self.personal_view(model, glob, client), **client.sent}
 
 
 # --- shared helpers ------------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ HOLDERS = "fedsb.holders"  # server state, per client: 1 once an upload of it af
 
 class FedSB(Method):
     name = "fedsb"
+    persistent = False  # the setup round uploads gradients, not values: no persistent view
     default_head = "shared"
 
     def rank(self) -> int:

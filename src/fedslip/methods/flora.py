@@ -65,6 +65,7 @@ STACK = "flora.stack."  # + "{round}." + "{layer}.A" / "{layer}.B": a stack some
 
 class FLoRA(Method):
     name = "flora"
+    persistent = False  # uploads are fresh LoRAs merged into the weights: no persistent view
     default_head = "shared"
 
     def __init__(self, cfg):

@@ -76,6 +76,7 @@ class FLoRAL(Method):
     """FLoRAL: K federated LoRA adaptors per layer, mixed by private per-client weights."""
 
     name = "floral"
+    persistent = False  # uploads are mixture-weighted changes, not values: no persistent view
     default_head = "shared"
     personalizes = True
     uploads_deltas = True

@@ -138,7 +138,6 @@ class PFedLoRA(Method):
                         l_losses.append(sgd_step(model, batch, local, opt_l, self.t.clip))
         client.optim["local"] = opt_l.state_dict()
         client.tensors.update(model.read(local))
-        client.sent = {n: t.clone() for n, t in up.items()}
         return up, client, {"loss": mean(l_losses), "adapter_loss": mean(a_losses)}
 
     # --- evaluation ---------------------------------------------------------------------------------
@@ -146,5 +145,6 @@ class PFedLoRA(Method):
         return None  # no global model: see the module docstring
 
     def personal_view(self, model: AdaptedModel, glob: Tensors, client: ClientState) -> Tensors:
-        """The client's model as it left its last round: the adapter it trained its local model with."""
+        """The client's model as it left its last round: the adapter it trained its local model with (the
+        engine keeps every client's last upload in `client.sent`)."""
         return {**self.client_view(model, glob, client), **client.sent}
