@@ -134,3 +134,41 @@ def test_run_takes_the_method_a_config_file_names(tmp_path):
     out = tmp_path / "run"
     assert main(["run", "--config", str(toml), "--out", str(out), "--quiet", *sets(["method.kstep=false"])]) == 0
     assert list(json.loads((out / "results.json").read_text())["methods"]) == ["fedavg"]
+
+
+def test_compare_over_seeds_reports_mean_and_sample_std_of_each_seed(tmp_path, capsys):
+    import statistics
+
+    out = tmp_path / "seeds"
+    rc = main(["compare", "--methods", "fedavg,fedslip", "--seeds", "0,3", "--quiet", "--out", str(out), *sets()])
+    assert rc == 0
+    assert {"comparison.md", "comparison.csv", "seeds.csv", "figure.png", "seed-0", "seed-3"} <= {
+        p.name for p in out.iterdir()}
+    per_seed = {s: {r["method"]: r for r in csv.DictReader(open(out / f"seed-{s}" / "comparison.csv"))} for s in (0, 3)}
+    # a seed folder is exactly the single-seed comparison with that seed
+    single = tmp_path / "single"
+    assert main(["compare", "--methods", "fedavg,fedslip", "--quiet", "--out", str(single),
+                 *sets(["train.seed=3"])]) == 0
+    alone = {r["method"]: r for r in csv.DictReader(open(single / "comparison.csv"))}
+    for key in ("global_acc", "personal_acc_mean", "persistent_acc_mean", "kstep_acc_mean", "mib_per_round"):
+        assert alone["fedavg"][key] == per_seed[3]["fedavg"][key], key
+    summary = {r["method"]: r for r in csv.DictReader(open(out / "comparison.csv"))}
+    for method in ("fedavg", "fedslip"):
+        for key in ("global_acc", "personal_acc_mean", "persistent_acc_mean"):
+            xs = [float(per_seed[s][method][key]) for s in (0, 3)]
+            assert float(summary[method][key]) == pytest.approx(statistics.fmean(xs))
+            assert float(summary[method][f"{key}_std"]) == pytest.approx(statistics.stdev(xs))
+        assert summary[method]["n_seeds"] == "2"
+    assert summary["fedslip"]["kstep_acc_mean"] == ""  # a metric the method lacks stays empty
+    split = [json.load(open(out / f"seed-{s}" / "results.json"))["clients"] for s in (0, 3)]
+    assert split[0] != split[1] or per_seed[0]["fedavg"] != per_seed[3]["fedavg"]  # each seed its own split
+    assert " ± " in (out / "comparison.md").read_text()
+
+
+@pytest.mark.parametrize("spec", ["0,x", "1,1", "-1", ","])
+def test_bad_seeds_are_one_line_and_exit_2(tmp_path, capsys, spec):
+    rc = main(["compare", "--methods", "fedavg", "--seeds", spec, "--quiet", "--out", str(tmp_path / "o"), *sets()])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--seeds" in err
+    assert not (tmp_path / "o").exists()

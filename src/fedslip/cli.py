@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from fedslip.cli_common import Parser, add_common, check_out, config_from_args, method_list, out_dir
@@ -23,11 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(run)
     run.add_argument("--method", help="method name (default fedslip; see `fedslip methods`)")
     run.add_argument("--resume", action="store_true", help="go on from the checkpoint in --out")
+    run.add_argument("--seeds", help="comma-separated seeds: one run per seed in --out/seed-<s>/, mean ± std")
     cmp_ = sub.add_parser("compare", help="run several methods on the same split and compare them")
     add_common(cmp_)
     cmp_.add_argument("--methods", default="local,fedavg,dualtrack-naive,fedslip",
                       help="comma-separated method names, or 'all'")
     cmp_.add_argument("--resume", action="store_true", help="go on from the checkpoints in --out")
+    cmp_.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2: each seed its own split (the same for "
+                      "every method) in --out/seed-<s>/; the top-level table and figure show mean ± std")
     sub.add_parser("methods", help="list the available methods")
     split = sub.add_parser("split", help="write each client's files of the split (for nodes that read only their own)")
     add_common(split)
@@ -38,39 +42,78 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _execute(args, methods: list[str], out: Path) -> int:
-    import copy
-
     from rich.console import Console
 
-    from fedslip.evaluation.outputs import write_outputs
     from fedslip.evaluation.tables import comparison_rows, to_markdown
-    from fedslip.federation.inprocess import Simulation
-    from fedslip.methods import method_for
-    from fedslip.prepare import prepare
     from fedslip.progress import for_terminal
 
     cfg = config_from_args(args, methods[0])
     if cfg.method.strategy != "method":
         _need_flower(cfg.method.strategy)
-    check_out(args, out)
+    seeds = parse_seeds(args.seeds) if args.seeds else None
+    folders = {s: out / f"seed-{s}" for s in seeds} if seeds else {cfg.train.seed: out}
+    check_out(args, out, list(folders.values()))
     console = Console(stderr=True)
+    per_seed = {}
+    with for_terminal(args.quiet) as progress:
+        for seed, folder in folders.items():
+            if seeds:
+                console.print(f"seed {seed} → {folder}/")
+            seed_cfg = replace(cfg, train=replace(cfg.train, seed=seed))
+            results = _compare(args, seed_cfg, methods, folder, console, progress)
+            per_seed[seed] = comparison_rows(results)
+    if seeds:
+        _write_seed_summary(out, per_seed, methods)
+    else:
+        print(to_markdown(per_seed[cfg.train.seed]))
+    return 0
+
+
+def _compare(args, cfg, methods: list[str], out: Path, console, progress):
+    """Every method on one split (one seed): outputs in `out`, checkpoints in `out`/state."""
+    from fedslip.evaluation.outputs import write_outputs
+    from fedslip.federation.inprocess import Simulation
+    from fedslip.methods import method_for
+    from fedslip.prepare import prepare
+
     start = time.perf_counter()
     prep = prepare(cfg)
     console.print(f"data: {prep.data.description}; backbone: {prep.backbone.name} ({prep.backbone.source}); "
                   f"{len(prep.split.train)} clients, training on {[len(s) for s in prep.split.train]} examples")
     console.print(f"device: {describe_placement(prep.backbone.placement.info)}")
     paths = resumable(out, prep, methods)
-    runs = []
-    progress = for_terminal(args.quiet)
-    with progress:
-        for name in methods:
-            run_cfg = copy.deepcopy(cfg)
-            run_cfg.method.name = name
-            runs.append(Simulation(prep, method_for(run_cfg), progress).run(paths[name], args.resume))
+    runs = [Simulation(prep, method_for(cfg.for_method(name)), progress).run(paths[name], args.resume)
+            for name in methods]
     write_outputs(out, prep, runs, time.perf_counter() - start)
-    print(to_markdown(comparison_rows([r for r, _ in runs])))
     console.print(f"wrote {out}/: results.json rounds.csv clients.csv ledger.csv comparison.md comparison.csv figure.png")
-    return 0
+    return [r for r, _ in runs]
+
+
+def parse_seeds(spec: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--seeds {spec!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise UserError(f"--seeds {spec!r}: expected distinct non-negative integers, e.g. 0,1,2")
+    return seeds
+
+
+def _write_seed_summary(out: Path, per_seed: dict[int, list[dict]], methods: list[str]) -> None:
+    from fedslip.evaluation import seeds as summary
+    from fedslip.evaluation.figures import save_figure
+    from fedslip.evaluation.outputs import staged, write_dicts
+
+    rows = summary.summary_rows(per_seed)
+    with staged(out) as stage:
+        (stage / "comparison.md").write_text(summary.to_markdown(rows) + "\n", encoding="utf-8")
+        summary.write_csv(rows, stage / "comparison.csv")
+        write_dicts([{"seed": s, **r} for s, rs in per_seed.items() for r in rs], stage / "seeds.csv")
+        save_figure(summary.build_figure(rows, f"{', '.join(methods)} · seeds {', '.join(map(str, per_seed))}"),
+                    stage / "figure.png")
+    print(summary.to_markdown(rows))
+    print(f"wrote {out}/: comparison.md comparison.csv seeds.csv figure.png (mean ± std over "
+          f"{len(per_seed)} seeds; each seed in seed-<s>/)", file=sys.stderr)
 
 
 def _split(args) -> int:

@@ -53,11 +53,12 @@ def out_dir(args, default: str) -> Path:
     return out
 
 
-def check_out(args, out: Path) -> None:
-    """Refuse (one line) to overwrite an earlier run's checkpoint, or to resume without one."""
+def check_out(args, out: Path, folders: list[Path] | None = None) -> None:
+    """Refuse (one line) to overwrite an earlier run's checkpoint, or to resume without one (`folders`: where
+    the run keeps checkpoints, default `out`; a multi-seed run has one folder per seed)."""
     from fedslip.federation import checkpoint
 
-    found = checkpoint.existing(out)
+    found = [p for folder in (folders or [out]) for p in checkpoint.existing(folder)]
     if found and not args.resume:
         raise UserError(f"{out} holds the checkpoint of an earlier run ({', '.join(p.stem for p in found)}): "
                         "add --resume to go on with it, or choose another --out")

@@ -52,6 +52,7 @@ class ModelConfig:
     max_length: int = 128
     backbone_dropout: float | None = None  # None: the backbone's own dropout; 0.0 is ~25 % faster on CPU
     target_modules: list[str] | None = None  # None: PEFT's mapping for the architecture
+    head_modules: list[str] | None = None  # None: classifier/score; ["pre_classifier", "classifier"]: the reference's FedAvg
 
 
 @dataclass
@@ -93,6 +94,10 @@ class MethodConfig:
     fedavg_mu: float = 0.0  # FedProx for fedavg (0 = plain FedAvg)
     kstep: bool = True  # fedavg: K-step personalization after the last round
     head: str | None = None  # shared | local | frozen; None: the method's own default
+    # how the reference code ran (docs/fidelity.md); the defaults are ours
+    mask_ties: str = "random"  # random: exactly the top share, ties broken at random | keep: every |w| >= threshold
+    private_optimizer: str = "persist"  # persist: the private AdamW state carries over rounds | fresh: new each round
+    global_step_private: str = "off"  # off: the global step runs without the private track | on: with it (frozen)
     strategy: str = "method"  # server aggregation: "method" (its own) or a Flower strategy, e.g. "fedmedian"
     # related methods (see README's method table)
     client_ranks: list[int] | None = None  # flora: LoRA rank per client (cycled); None: [16, 8, 8, 4]
@@ -109,9 +114,24 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    # {method name: {section: {key: value}}}: settings for one method of a comparison (BY_METHOD_KEYS only)
+    by_method: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def for_method(self, name: str) -> "Config":
+        """This config for method `name`: its name set and its `by_method` settings applied."""
+        cfg = apply_overrides(self, self.by_method.get(name, {}), f"by_method.{name}")
+        cfg.method.name = name
+        cfg.by_method = {}
+        return cfg
+
+
+# What may differ between the methods of one comparison: never the data, the split or the backbone.
+BY_METHOD_KEYS = {"method": None, "train": {"lr", "local_epochs", "local_only_epochs", "weight_decay", "clip",
+                                            "batch_size"},
+                  "model": {"head_modules"}}
 
 
 # The reference protocol (AG News, 4 clients, 80 % dominant class, 30 rounds x 2 epochs) is the default.
@@ -125,6 +145,16 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "train": {"rounds": 5, "local_epochs": 1, "local_only_epochs": 3, "lr": 5e-3},
         "method": {"warmup_rounds": 2},
     },
+    # The paper protocol as the reference code ran it, its accidents included (docs/fidelity.md).
+    "reference": {
+        "method": {"mask_ties": "keep", "private_optimizer": "fresh", "global_step_private": "on", "mu": 0.0,
+                   "dropout": 0.0},
+        "by_method": {
+            "fedslip": {"method": {"head": "frozen"}},
+            # DistilBERT's pre_classifier; on a BERT backbone (MiniLM) its counterpart is the pooler
+            "fedavg": {"model": {"head_modules": ["pre_classifier", "bert.pooler", "classifier"]}},
+        },
+    },
 }
 
 def _section_classes() -> dict[str, type]:
@@ -137,6 +167,12 @@ def apply_overrides(cfg: Config, overrides: dict[str, dict[str, Any]], origin: s
     cfg = copy.deepcopy(cfg)
     classes = _section_classes()
     for section, values in overrides.items():
+        if section == "by_method":
+            for name, sections in _by_method(values, origin).items():
+                mine = cfg.by_method.setdefault(name, {})
+                for section, keys in sections.items():
+                    mine[section] = {**mine.get(section, {}), **keys}
+            continue
         if section not in classes:
             raise UserError(f"{origin}: unknown section [{section}] (known: {', '.join(classes)})")
         if not isinstance(values, dict):
@@ -148,6 +184,32 @@ def apply_overrides(cfg: Config, overrides: dict[str, dict[str, Any]], origin: s
                 raise UserError(f"{origin}: unknown key {section}.{key} (known: {', '.join(sorted(known))})")
             setattr(target, key, value)
     return cfg
+
+
+def _by_method(values: Any, origin: str) -> dict[str, dict[str, dict[str, Any]]]:
+    """Check `[by_method.<method>.<section>]` tables: only BY_METHOD_KEYS, each key known."""
+    if not isinstance(values, dict):
+        raise UserError(f"{origin}: [by_method] must hold [by_method.<method>.<section>] tables")
+    nested: dict[str, Any] = {}
+    for dotted, value in values.items():  # --set by_method.fedavg.method={...} arrives as "fedavg.method"
+        *path, last = dotted.split(".")
+        node = nested
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = {**node.get(last, {}), **value} if isinstance(value, dict) else value
+    values = nested
+    if not all(isinstance(v, dict) for v in values.values()):
+        raise UserError(f"{origin}: [by_method] must hold [by_method.<method>.<section>] tables")
+    for name, sections in values.items():
+        for section, keys in sections.items():
+            allowed = BY_METHOD_KEYS.get(section, set())
+            if section not in BY_METHOD_KEYS or not isinstance(keys, dict) or (
+                    allowed is not None and not set(keys) <= allowed):
+                raise UserError(f"{origin}: by_method.{name}.{section} may set only "
+                                + "; ".join(f"{s}.{'*' if k is None else ', '.join(sorted(k))}"
+                                            for s, k in BY_METHOD_KEYS.items()))
+        apply_overrides(Config(), sections, f"{origin}: by_method.{name}")  # unknown keys fail here
+    return {name: dict(sections) for name, sections in values.items()}
 
 
 def parse_set(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -223,6 +285,8 @@ def _is_int(v) -> bool:
 def validate(cfg: Config) -> None:
     """Check ranges and names; raise one UserError naming the first bad value."""
     _check_types(cfg)
+    for name in cfg.by_method:
+        validate(cfg.for_method(name))
     d, p, t, m = cfg.data, cfg.partition, cfg.train, cfg.method
 
     def need(ok: bool, msg: str) -> None:
@@ -287,5 +351,10 @@ def validate(cfg: Config) -> None:
     need(m.n_adaptors >= 1, f"method.n_adaptors = {m.n_adaptors}: must be >= 1")
     need(m.vera_rank >= 1, f"method.vera_rank = {m.vera_rank}: must be >= 1")
     need(m.ffa_alpha_factor > 0, f"method.ffa_alpha_factor = {m.ffa_alpha_factor}: must be > 0")
+    need(m.mask_ties in ("random", "keep"), f"method.mask_ties = {m.mask_ties!r}: expected random or keep")
+    need(m.private_optimizer in ("persist", "fresh"),
+         f"method.private_optimizer = {m.private_optimizer!r}: expected persist or fresh")
+    need(m.global_step_private in ("off", "on"),
+         f"method.global_step_private = {m.global_step_private!r}: expected off or on")
     need(m.head in (None, "shared", "local", "frozen"),
          f"method.head = {m.head!r}: expected shared, local or frozen")

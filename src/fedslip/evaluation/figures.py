@@ -322,10 +322,14 @@ def build_figure(results: Sequence[MethodResult], title: str | None = None) -> F
 
 
 def plot_results(results: Sequence[MethodResult], path: Path, title: str | None = None) -> None:
-    """Write the report figure as one PNG, atomically (temp file in the same folder, then rename)."""
+    """Write the report figure as one PNG."""
+    save_figure(build_figure(results, title), path)
+
+
+def save_figure(fig: Figure, path: Path) -> None:
+    """Write `fig` as a PNG atomically (temp file in the same folder, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig = build_figure(results, title)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -67,7 +67,7 @@ def _rounds_rows(results: list[MethodResult]) -> list[dict]:
     return rows
 
 
-def _write_dicts(rows: list[dict], path: Path) -> None:
+def write_dicts(rows: list[dict], path: Path) -> None:
     fields: list[str] = []
     for row in rows:
         fields += [k for k in row if k not in fields]
@@ -94,8 +94,8 @@ def write_outputs(out: Path, prep: Prepared, runs: list[tuple[MethodResult, Ledg
                                    "clients": [asdict(c) for c in r.clients]} for r in results},
         }
         (stage / "results.json").write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
-        _write_dicts(_rounds_rows(results), stage / "rounds.csv")
-        _write_dicts([{"method": r.method, **asdict(c)} for r in results for c in r.clients], stage / "clients.csv")
+        write_dicts(_rounds_rows(results), stage / "rounds.csv")
+        write_dicts([{"method": r.method, **asdict(c)} for r in results for c in r.clients], stage / "clients.csv")
         write_ledger_csv([ledger for _, ledger in runs], stage / "ledger.csv")
         rows = comparison_rows(results)
         (stage / "comparison.md").write_text(to_markdown(rows) + "\n", encoding="utf-8")

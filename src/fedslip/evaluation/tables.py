@@ -134,12 +134,12 @@ def final_table_markdown(result: MethodResult) -> str:
     return _md_table([f"Metric ({_md_text(result.method)})", "Value"], [list(e) for e in entries], [":---", "---:"])
 
 
-def to_csv(rows: Sequence[dict], path: Path | str) -> None:
-    """Write rows with raw numbers (None → empty cell). Written to a temp file then renamed, so a reader
-    never sees a half-written file."""
+def to_csv(rows: Sequence[dict], path: Path | str, columns: Sequence[str] | None = None) -> None:
+    """Write rows with raw numbers (None → empty cell), `columns` after "method" (default: COLUMNS' keys).
+    Written to a temp file then renamed, so a reader never sees a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fields = ["method"] + [key for key, _, _ in COLUMNS]
+    fields = ["method"] + list(columns or [key for key, _, _ in COLUMNS])
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:

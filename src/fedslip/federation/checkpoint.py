@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from fedslip.config import Config
 from fedslip.errors import UserError
 from fedslip.evaluation.records import ClientRecord, MethodResult, RoundRecord
 from fedslip.federation.client_state import pack_state, unpack_state
@@ -44,12 +45,17 @@ def fingerprint(prep, method_name: str) -> dict[str, Any]:
             "precision": info.get("precision", "fp32")}
 
 
-def differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
+def differences(saved: dict, now: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
+    """What differs; a key the checkpoint lacks (made before it existed) is no difference when it holds its
+    default value now (`defaults`, the same nesting as `now`)."""
     out = []
+    defaults = defaults or {}
     for key in sorted(set(saved) | set(now)):
         a, b = saved.get(key), now.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += differences(a, b, f"{prefix}{key}.")
+            out += differences(a, b, f"{prefix}{key}.", defaults.get(key) if isinstance(defaults.get(key), dict) else None)
+        elif key not in saved and key in defaults and b == defaults[key]:
+            continue
         elif a != b:
             out.append(f"{prefix}{key}: {a!r} in the checkpoint, {b!r} now")
     return out
@@ -102,7 +108,7 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 def check(path: Path, prep, method: str) -> None:
     """One clear line when the checkpoint at `path` is not this run's."""
-    diff = differences(read_meta(path)["fingerprint"], fingerprint(prep, method))
+    diff = differences(read_meta(path)["fingerprint"], fingerprint(prep, method), defaults={"config": Config().to_dict()})
     if diff:
         raise UserError(f"checkpoint {path} belongs to another run: {'; '.join(diff[:3])}")
 

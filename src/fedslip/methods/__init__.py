@@ -20,11 +20,11 @@ METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (LocalOnly, FedAvg,
                                                              FLoRAL, PFedLoRA, FLoRA, FedSB)}
 
 
-
 def method_for(cfg) -> Method:
-    """The method `cfg.method.name` names, built for `cfg`; an unknown name is one clear line."""
+    """The method `cfg.method.name` names, built for `cfg` (with its `by_method` settings); an unknown name is
+    one clear line."""
     if cfg.method.name not in METHODS:
         from fedslip.errors import UserError
 
         raise UserError(f"unknown method {cfg.method.name!r} (known: {', '.join(METHODS)})")
-    return METHODS[cfg.method.name](cfg)
+    return METHODS[cfg.method.name](cfg.for_method(cfg.method.name))

@@ -24,7 +24,7 @@ init, identical on every client, never trained, never sent).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -79,6 +79,10 @@ class Method:
 
     # --- model --------------------------------------------------------------------------------------
     def build(self, backbone: Backbone) -> AdaptedModel:
+        """This method's model on `backbone`, its head being the modules `model.head_modules` names."""
+        return self.make_model(replace(backbone, head_modules=self.cfg.model.head_modules))
+
+    def make_model(self, backbone: Backbone) -> AdaptedModel:
         m = self.m
         r_p = m.r_p if self.uses_private else 0
         return AdaptedModel.dual(backbone, self.cfg.model.target_modules, m.r_g, m.alpha_g, r_p, m.alpha_p, m.dropout)

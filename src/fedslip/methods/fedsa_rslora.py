@@ -29,7 +29,7 @@ class FedSARsLoRA(FedSA):
 
     name = "fedsa-rslora"
 
-    def build(self, backbone: Backbone) -> AdaptedModel:
+    def make_model(self, backbone: Backbone) -> AdaptedModel:
         m = self.m
         return AdaptedModel.dual(backbone, self.cfg.model.target_modules, m.r_g, rslora_alpha(m.alpha_g, m.r_g),
                                  0, m.alpha_p, m.dropout)

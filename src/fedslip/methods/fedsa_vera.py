@@ -37,7 +37,7 @@ class FedSAVeRA(FedSA):
 
     name = "fedsa-vera"
 
-    def build(self, backbone: Backbone) -> AdaptedModel:
+    def make_model(self, backbone: Backbone) -> AdaptedModel:
         return vera_model(backbone, self.cfg.model.target_modules, self.m.vera_rank, self.t.seed, self.m.dropout,
                           D_INIT)
 

@@ -67,7 +67,7 @@ class FedSB(Method):
     def rounds(self) -> int:
         return self.t.rounds + 1  # the setup round, then `train.rounds` training rounds
 
-    def build(self, backbone: Backbone) -> AdaptedModel:
+    def make_model(self, backbone: Backbone) -> AdaptedModel:
         return lora_sb_model(backbone, self.cfg.model.target_modules, self.rank(), self.m.dropout)
 
     @staticmethod
@@ -96,7 +96,9 @@ class FedSB(Method):
         last = int(glob.get(ROUND, torch.tensor(0)))
         if last < SETUP_ROUND:
             return {}  # setup round: the client has all it needs (W0 and the seeded head)
-        down = {k: t for k, t in glob.items() if k.endswith(".sb_R") or (self.head == "shared" and is_head(k))}
+        shared_head = self.head == "shared"
+        down = {k: t for k, t in glob.items()
+                if k.endswith(".sb_R") or (shared_head and is_head(k, self.cfg.model.head_modules))}
         if not self.has_basis(glob, cid):
             down.update({k: t for k, t in glob.items() if k.endswith((".sb_A", ".sb_B"))})
         return down

@@ -40,13 +40,16 @@ class DualTrack(Method):
         state = super().init_client(model, cid, gen)
         private = model.init_track("p", gen)
         state.tensors.update(private)
-        state.tensors.update(model.masks_for(private, self.m.sparsity, mask_generator(self.t.seed, cid)))
+        state.tensors.update(self.masks(model, private, cid))
         return state
+
+    def masks(self, model: AdaptedModel, private, cid: int):
+        return model.masks_for(private, self.m.sparsity, mask_generator(self.t.seed, cid), self.m.mask_ties)
 
     def refresh_masks(self, model: AdaptedModel, client: ClientState, cid: int, rnd: int) -> None:
         if rnd <= self.m.warmup_rounds:
             private = model.read(model.private_names)
-            client.tensors.update(model.masks_for(private, self.m.sparsity, mask_generator(self.t.seed, cid)))
+            client.tensors.update(self.masks(model, private, cid))
 
     def keep_private(self, model: AdaptedModel, client: ClientState) -> None:
         names = model.private_names + (model.head_names if self.head == "local" else [])
@@ -62,15 +65,15 @@ class FedSLIP(DualTrack):
         g_names = self.global_train_names(model)
         p_names = model.private_names
         opt_g = adamw(model.params(g_names), self.t.lr, self.t.weight_decay)
-        opt_p = adamw(model.params(p_names), self.t.lr * self.m.private_lr_scale, self.t.weight_decay,
-                      client.optim.get("private"))
+        kept = client.optim.get("private") if self.m.private_optimizer == "persist" else None
+        opt_p = adamw(model.params(p_names), self.t.lr * self.m.private_lr_scale, self.t.weight_decay, kept)
         anchor = model.snapshot(self.shared_names(model))
         private_on = rnd > self.m.warmup_rounds
         g_losses, p_losses = [], []
         with training(model):
             for _ in range(self.local_epochs()):
                 for batch in data.epoch():
-                    with model.mode("global"):
+                    with model.mode("both" if self.m.global_step_private == "on" else "global"):
                         g_losses.append(sgd_step(model, batch, g_names, opt_g, self.t.clip, prox=(self.m.mu, anchor)))
                     if private_on:
                         with model.mode("private"):

@@ -40,7 +40,7 @@ class FFALoRA(Method):
     name = "ffa"
     default_head = "shared"
 
-    def build(self, backbone: Backbone) -> AdaptedModel:
+    def make_model(self, backbone: Backbone) -> AdaptedModel:
         m = self.m
         return AdaptedModel.dual(backbone, self.cfg.model.target_modules, m.r_g, m.ffa_alpha_factor * m.alpha_g, 0,
                                  m.alpha_p, m.dropout)

@@ -83,7 +83,7 @@ class FLoRA(Method):
         return self.alpha(rank) / rank
 
     # --- model and state ------------------------------------------------------------------------------
-    def build(self, backbone: Backbone) -> AdaptedModel:
+    def make_model(self, backbone: Backbone) -> AdaptedModel:
         return flora_model(backbone, self.cfg.model.target_modules, self.ranks, self.m.dropout)
 
     def shared_names(self, model: AdaptedModel) -> list[str]:
@@ -123,7 +123,7 @@ class FLoRA(Method):
                     parts.setdefault(key[len(prefix):], []).append(t)
         down = {k: torch.cat(ts, dim=0 if k.endswith(".A") else 1) for k, ts in parts.items()}
         if self.head == "shared":
-            down.update({k: t for k, t in glob.items() if is_head(k)})
+            down.update({k: t for k, t in glob.items() if is_head(k, self.cfg.model.head_modules)})
         return down
 
     # --- client ---------------------------------------------------------------------------------------
@@ -141,7 +141,7 @@ class FLoRA(Method):
         for layer_name, layer in model.layers.items():
             a, b = lora_pair(rank, layer.base.in_features, layer.base.out_features, gen)
             fresh[f"{layer_name}.lora_A{rank}"], fresh[f"{layer_name}.lora_B{rank}"] = a, b
-        head = {k: t for k, t in down.items() if is_head(k)}
+        head = {k: t for k, t in down.items() if is_head(k, self.cfg.model.head_modules)}
         model.load({**model.head_init, **head, **client.tensors, **fresh})
         lora = pair_names(model, rank)
         names = lora + self.trained_head(model)
@@ -191,7 +191,7 @@ class FLoRA(Method):
                 layer = key[:-2]
                 new[f"{layer}.delta"] = glob[f"{layer}.delta"] + stacked[f"{layer}.B"] @ t
         if self.head == "shared":
-            heads = [({k: t for k, t in p.items() if is_head(k)}, n) for p, n in ups]
+            heads = [({k: t for k, t in p.items() if is_head(k, self.cfg.model.head_modules)}, n) for p, n in ups]
             new.update(weighted_mean(heads))
         new[ROUND] = torch.tensor(rnd)
         took_part = glob.get(TOOK_PART, torch.zeros(self.cfg.partition.n_clients, dtype=torch.int64)).clone()

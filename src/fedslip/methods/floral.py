@@ -82,7 +82,7 @@ class FLoRAL(Method):
     uploads_deltas = True
 
     # --- model --------------------------------------------------------------------------------------
-    def build(self, backbone: Backbone) -> AdaptedModel:
+    def make_model(self, backbone: Backbone) -> AdaptedModel:
         m = self.m
         router = MixtureWeights(m.n_adaptors, ROUTER_NOISE)
         model = AdaptedModel(backbone, self.cfg.model.target_modules,

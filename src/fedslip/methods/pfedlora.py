@@ -85,7 +85,7 @@ class PFedLoRA(Method):
         idx = layer_index(self.layer_path, module_name)
         return 0 if idx is None else idx
 
-    def build(self, backbone: Backbone) -> DepthAdaptedModel:
+    def make_model(self, backbone: Backbone) -> DepthAdaptedModel:
         self.layer_path = layer_list_path(backbone.model)
         self.n_layers = len(backbone.model.get_submodule(self.layer_path))
         shared, m = self.shared_depth(), self.m

@@ -49,12 +49,14 @@ class AdaptedModel:
                 if not name.startswith("base."):
                     self._tensors[f"{lname}.{name}"] = p
         for name, p in self.net.named_parameters():
-            if is_head(name):
+            if is_head(name, backbone.head_modules):
                 self._tensors[name] = p
         self.global_names = self.names_ending(".g_A", ".g_B")
         self.private_names = self.names_ending(".p_A", ".p_B")
         self.mask_names = self.names_ending("_mask")
-        self.head_names = [n for n in self._tensors if is_head(n)]
+        self.head_names = [n for n in self._tensors if is_head(n, backbone.head_modules)]
+        if not self.head_names:
+            raise UserError(f"model.head_modules = {backbone.head_modules}: no parameter of the model is in them")
         self._place()
         self.head_init = self.read(self.head_names)
 
@@ -124,9 +126,9 @@ class AdaptedModel:
                 out[f"{name}.{track}_A"], out[f"{name}.{track}_B"] = a, b
         return out
 
-    def masks_for(self, private: Tensors, sparsity: float, generator: torch.Generator) -> Tensors:
+    def masks_for(self, private: Tensors, sparsity: float, generator: torch.Generator, ties: str = "random") -> Tensors:
         """Magnitude masks for the private track values given (one mask per tensor)."""
-        return {f"{n}_mask": magnitude_mask(private[n], sparsity, generator) for n in self.private_names}
+        return {f"{n}_mask": magnitude_mask(private[n], sparsity, generator, ties) for n in self.private_names}
 
     # --- forward ----------------------------------------------------------------------------------
     @contextmanager

@@ -36,14 +36,21 @@ def lora_pair(rank: int, fan_in: int, fan_out: int, generator: torch.Generator) 
     return a, torch.zeros(fan_out, rank)
 
 
-def magnitude_mask(weight: torch.Tensor, sparsity: float, generator: torch.Generator) -> torch.Tensor:
+def magnitude_mask(weight: torch.Tensor, sparsity: float, generator: torch.Generator,
+                   ties: str = "random") -> torch.Tensor:
     """Keep the round((1 − sparsity)·n) largest |w| of one tensor (1.0), zero the rest (0.0).
 
     Ties (e.g. a freshly initialised, all-zero LoRA B) are broken by a seeded random order, so the kept
-    set of a constant tensor is a random subset rather than its first rows.
+    set of a constant tensor is a random subset rather than its first rows. `ties="keep"` keeps every |w|
+    at least the threshold instead, as the reference did (which keeps all of a zero B).
     """
     n = weight.numel()
     keep = round((1.0 - sparsity) * n)
+    if ties == "keep":
+        if keep == 0:
+            return torch.zeros_like(weight)
+        threshold = weight.detach().abs().flatten().kthvalue(n - keep + 1).values
+        return (weight.detach().abs() >= threshold).to(torch.float32)
     order = torch.randperm(n, generator=generator)
     magnitudes = weight.detach().abs().flatten()[order]
     ranked = torch.argsort(magnitudes, descending=True, stable=True)

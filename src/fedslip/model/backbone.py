@@ -24,9 +24,10 @@ TINY_PREFIX = "tiny-random:"
 # PEFT's per-architecture LoRA targets, plus architectures newer PEFT releases dropped from that mapping.
 EXTRA_TARGETS = {"distilbert": ["q_lin", "v_lin"], "albert": ["query", "value"], "mpnet": ["q", "v"]}
 
-# Module name prefixes of the classification head (trained per the method's head policy). As PEFT's
-# modules_to_save for sequence classification: DistilBERT's pre_classifier stays frozen, as in the reference.
-HEAD_PREFIXES = ("classifier", "score")
+# Module names of the classification head (trained per the method's head policy), as PEFT's modules_to_save
+# for sequence classification: DistilBERT's pre_classifier (BERT's pooler) stays frozen unless
+# `model.head_modules` names it (the reference's FedAvg trained and averaged pre_classifier too).
+HEAD_MODULES = ("classifier", "score")
 
 
 @dataclass
@@ -35,6 +36,7 @@ class Backbone:
     tokenizer: object
     name: str
     source: str  # where it was loaded from (folder, cache, hub, packaged copy, tiny-random)
+    head_modules: list[str] | None = None  # None: HEAD_MODULES
     placement: Placement = field(default_factory=lambda: Placement(torch.device("cpu"), torch.float32))
 
 
@@ -139,5 +141,6 @@ def target_modules(model: nn.Module, requested: list[str] | None) -> list[str]:
     return targets
 
 
-def is_head(param_name: str) -> bool:
-    return param_name.split(".")[0] in HEAD_PREFIXES
+def is_head(param_name: str, modules: list[str] | tuple[str, ...] | None = None) -> bool:
+    """Whether a parameter belongs to the head: `modules` (None: HEAD_MODULES) or a submodule of one."""
+    return any(param_name.startswith(m + ".") for m in (modules or HEAD_MODULES))
