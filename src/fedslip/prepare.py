@@ -51,7 +51,29 @@ def _backbone(cfg: Config, num_classes: int) -> Backbone:
 
 def prepare(cfg: Config) -> Prepared:
     data = load_data(cfg.data)
-    return _finish(cfg, data, make_split(data, cfg.partition, cfg.train.seed))
+    split = make_split(data, cfg.partition, cfg.train.seed)
+    if cfg.partition.validation_fraction > 0:
+        data, split = validation_split(data, split, cfg.partition.validation_fraction, cfg.train.seed)
+    return _finish(cfg, data, split)
+
+
+def validation_split(data: TextData, split: Split, fraction: float, seed: int) -> tuple[TextData, Split]:
+    """Tuning without the test split: each client keeps 1 − `fraction` of its training examples to train on
+    and is evaluated on the rest; the "global" set is every client's held-out examples together."""
+    rng = np.random.default_rng([int(seed) % 2**32, 7_001])
+    train, val = [], []
+    for idx in split.train:
+        shuffled = rng.permutation(idx)
+        n_val = int(round(fraction * len(idx)))
+        if n_val == 0 or n_val == len(idx):
+            raise UserError(f"partition.validation_fraction = {fraction}: a client with {len(idx)} training "
+                            "examples gets an empty training or validation set")
+        val.append(np.sort(shuffled[:n_val]))
+        train.append(np.sort(shuffled[n_val:]))
+    held_out = replace(data, test=data.train,
+                       description=f"{data.description}; validation: {fraction:.0%} of each client's training "
+                                   "data (the test split is not used)")
+    return held_out, Split(train=train, test=val, global_test=np.concatenate(val))
 
 
 def _finish(cfg: Config, data: TextData, split: Split) -> Prepared:
