@@ -60,6 +60,8 @@ class ModelConfig:
 class TrainConfig:
     rounds: int = 30
     local_epochs: int = 2
+    local_steps: int | None = None  # each round: exactly this many optimizer steps instead of local_epochs epochs
+    lr_schedule: str = "constant"  # constant | cosine (decayed over the rounds, to 0 after the last)
     local_only_epochs: int = 5  # `local` method: epochs of purely local training
     batch_size: int = 32
     lr: float = 1e-4
@@ -323,6 +325,8 @@ def validate(cfg: Config) -> None:
     need(t.local_only_epochs >= 1, f"train.local_only_epochs = {t.local_only_epochs}: must be >= 1")
     need(t.batch_size >= 1, f"train.batch_size = {t.batch_size}: must be >= 1")
     need(t.lr > 0, f"train.lr = {t.lr}: must be > 0")
+    need(t.local_steps is None or t.local_steps >= 1, f"train.local_steps = {t.local_steps}: must be >= 1")
+    need(t.lr_schedule in ("constant", "cosine"), f"train.lr_schedule = {t.lr_schedule!r}: expected constant or cosine")
     need(t.weight_decay >= 0, f"train.weight_decay = {t.weight_decay}: must be >= 0")
     need(t.clip > 0, f"train.clip = {t.clip}: must be > 0")
     need(0 < t.client_fraction <= 1, f"train.client_fraction = {t.client_fraction}: must be in (0, 1]")

@@ -24,6 +24,8 @@ init, identical on every client, never trained, never sent).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +63,20 @@ class ClientData:
     def epoch(self) -> list[Batch]:
         return self.encoded.train_batches(self.idx, self.batch_size, self.rng)
 
+    def batches(self, epochs: int, steps: int | None = None) -> Iterator[Batch]:
+        """`epochs` freshly shuffled epochs, or exactly `steps` batches (as many epochs as that takes)."""
+        if steps is None:
+            for _ in range(epochs):
+                yield from self.epoch()
+            return
+        done = 0
+        while done < steps:
+            for batch in self.epoch():
+                if done == steps:
+                    return
+                yield batch
+                done += 1
+
 
 class Method:
     name = "base"
@@ -92,6 +108,16 @@ class Method:
 
     def local_epochs(self) -> int:
         return self.t.local_epochs
+
+    def local_batches(self, data: ClientData) -> Iterator[Batch]:
+        """A round's local training: `train.local_steps` batches when set, else `local_epochs()` epochs."""
+        return data.batches(self.local_epochs(), self.t.local_steps)
+
+    def lr(self, rnd: int) -> float:
+        """The learning rate of round `rnd`: `train.lr`, decayed by `train.lr_schedule` over the rounds."""
+        if self.t.lr_schedule == "cosine" and self.rounds() > 1:
+            return self.t.lr * 0.5 * (1 + math.cos(math.pi * (rnd - 1) / self.rounds()))
+        return self.t.lr
 
     def shared_head(self, model: AdaptedModel) -> list[str]:
         """Head tensors that travel with the shared payload (head policy "shared")."""
@@ -150,14 +176,13 @@ class Method:
                      rnd: int) -> tuple[Payload, ClientState, dict[str, float]]:
         model.load(self.client_view(model, down, client))
         names = self.global_train_names(model)
-        opt = adamw(model.params(names), self.t.lr, self.t.weight_decay)
+        opt = adamw(model.params(names), self.lr(rnd), self.t.weight_decay)
         anchor = model.snapshot(self.shared_names(model)) if self.prox_mu() > 0 else None
         losses = []
         with model.mode("global"), training(model):
-            for _ in range(self.local_epochs()):
-                for batch in data.epoch():
-                    losses.append(sgd_step(model, batch, names, opt, self.t.clip,
-                                           prox=(self.prox_mu(), anchor)))
+            for batch in self.local_batches(data):
+                losses.append(sgd_step(model, batch, names, opt, self.t.clip,
+                                       prox=(self.prox_mu(), anchor)))
         up = model.read(self.shared_names(model))
         if self.head == "local":
             client.tensors.update(model.read(model.head_names))
@@ -196,9 +221,12 @@ class Method:
 
 # --- shared helpers ------------------------------------------------------------------------------------
 def adamw(params, lr: float, weight_decay: float, state: dict | None = None) -> torch.optim.AdamW:
+    """AdamW at `lr`; `state`: moments kept from an earlier round (its saved learning rate is not)."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if state:
         opt.load_state_dict(state)
+        for group in opt.param_groups:
+            group["lr"] = lr
     return opt
 
 

@@ -20,12 +20,11 @@ class DualTrackNaive(DualTrack):
     def local_update(self, model: AdaptedModel, down, client: ClientState, data: ClientData, rnd: int):
         model.load(self.client_view(model, down, client))
         names = self.global_train_names(model) + model.private_names
-        opt = adamw(model.params(names), self.t.lr, self.t.weight_decay)
+        opt = adamw(model.params(names), self.lr(rnd), self.t.weight_decay)
         losses = []
         with model.mode("both"), training(model):
-            for _ in range(self.local_epochs()):
-                for batch in data.epoch():
-                    losses.append(sgd_step(model, batch, names, opt, self.t.clip))
+            for batch in self.local_batches(data):
+                losses.append(sgd_step(model, batch, names, opt, self.t.clip))
         self.keep_private(model, client)
         self.refresh_masks(model, client, data.cid, rnd)
         return model.read(self.shared_names(model)), client, {"loss": mean(losses)}

@@ -25,12 +25,7 @@ class FedAvg(Method):
         names = self.global_train_names(model)
         opt = adamw(model.params(names), self.t.lr, self.t.weight_decay)
         k = max(1, len(data) // self.t.batch_size)
-        steps = 0
         with model.mode("global"), training(model):
-            while steps < k:
-                for batch in data.epoch():
-                    if steps == k:
-                        break
-                    sgd_step(model, batch, names, opt, self.t.clip)
-                    steps += 1
+            for batch in data.batches(0, steps=k):
+                sgd_step(model, batch, names, opt, self.t.clip)
         return model.read(names)

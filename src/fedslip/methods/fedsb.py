@@ -111,12 +111,11 @@ class FedSB(Method):
         client.tensors.update({k: t for k, t in down.items() if k.endswith((".sb_A", ".sb_B"))})
         model.load({**model.head_init, **down, **client.tensors})
         names = self.r_names(model) + self.trained_head(model)
-        opt = adamw(model.params(names), self.t.lr, self.t.weight_decay)
+        opt = adamw(model.params(names), self.lr(rnd), self.t.weight_decay)
         losses = []
         with training(model):
-            for _ in range(self.local_epochs()):
-                for batch in data.epoch():
-                    losses.append(sgd_step(model, batch, names, opt, self.t.clip))
+            for batch in self.local_batches(data):
+                losses.append(sgd_step(model, batch, names, opt, self.t.clip))
         up = model.read(self.shared_names(model))
         if self.head == "local":
             client.tensors.update(model.read(model.head_names))

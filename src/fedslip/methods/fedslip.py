@@ -64,20 +64,19 @@ class FedSLIP(DualTrack):
         model.load(self.client_view(model, down, client))
         g_names = self.global_train_names(model)
         p_names = model.private_names
-        opt_g = adamw(model.params(g_names), self.t.lr, self.t.weight_decay)
+        opt_g = adamw(model.params(g_names), self.lr(rnd), self.t.weight_decay)
         kept = client.optim.get("private") if self.m.private_optimizer == "persist" else None
-        opt_p = adamw(model.params(p_names), self.t.lr * self.m.private_lr_scale, self.t.weight_decay, kept)
+        opt_p = adamw(model.params(p_names), self.lr(rnd) * self.m.private_lr_scale, self.t.weight_decay, kept)
         anchor = model.snapshot(self.shared_names(model))
         private_on = rnd > self.m.warmup_rounds
         g_losses, p_losses = [], []
         with training(model):
-            for _ in range(self.local_epochs()):
-                for batch in data.epoch():
-                    with model.mode("both" if self.m.global_step_private == "on" else "global"):
-                        g_losses.append(sgd_step(model, batch, g_names, opt_g, self.t.clip, prox=(self.m.mu, anchor)))
-                    if private_on:
-                        with model.mode("private"):
-                            p_losses.append(sgd_step(model, batch, p_names, opt_p, self.t.clip, scale=self.m.lambda_p))
+            for batch in self.local_batches(data):
+                with model.mode("both" if self.m.global_step_private == "on" else "global"):
+                    g_losses.append(sgd_step(model, batch, g_names, opt_g, self.t.clip, prox=(self.m.mu, anchor)))
+                if private_on:
+                    with model.mode("private"):
+                        p_losses.append(sgd_step(model, batch, p_names, opt_p, self.t.clip, scale=self.m.lambda_p))
         client.optim["private"] = opt_p.state_dict()
         self.keep_private(model, client)
         self.refresh_masks(model, client, data.cid, rnd)

@@ -145,12 +145,11 @@ class FLoRA(Method):
         model.load({**model.head_init, **head, **client.tensors, **fresh})
         lora = pair_names(model, rank)
         names = lora + self.trained_head(model)
-        opt = adamw(model.params(names), self.t.lr, self.t.weight_decay)
+        opt = adamw(model.params(names), self.lr(rnd), self.t.weight_decay)
         losses = []
         with active(model, rank, self.scaling(rank)), training(model):
-            for _ in range(self.local_epochs()):
-                for batch in data.epoch():
-                    losses.append(sgd_step(model, batch, names, opt, self.t.clip))
+            for batch in self.local_batches(data):
+                losses.append(sgd_step(model, batch, names, opt, self.t.clip))
         trained = model.read(lora)
         up = {}
         for layer in model.layers:

@@ -139,16 +139,15 @@ class FLoRAL(Method):
         logits = self.router_name(model)
         opt = torch.optim.AdamW([{"params": model.params(adaptors + head)},
                                  {"params": model.params([logits]), "weight_decay": 0.0}],
-                                lr=self.t.lr, weight_decay=self.t.weight_decay)
+                                lr=self.lr(rnd), weight_decay=self.t.weight_decay)
         names = adaptors + head + [logits]
         router = self.router(model)
         router.noise_gen = torch_gen(self.t.seed, "floral-noise", data.cid, rnd)
         losses = []
         try:
             with training(model):
-                for _ in range(self.local_epochs()):
-                    for batch in data.epoch():
-                        losses.append(sgd_step(model, batch, names, opt, self.t.clip))
+                for batch in self.local_batches(data):
+                    losses.append(sgd_step(model, batch, names, opt, self.t.clip))
         finally:
             router.noise_gen = None
         client.tensors[logits] = model.read([logits])[logits]

@@ -24,6 +24,9 @@ class LocalOnly(Method):
     def local_epochs(self) -> int:
         return self.t.local_only_epochs
 
+    def local_batches(self, data):
+        return data.batches(self.local_epochs())  # epochs of its own data, whatever the rounds' step budget
+
     def shared_names(self, model: AdaptedModel) -> list[str]:
         return []
 

@@ -123,19 +123,17 @@ class PFedLoRA(Method):
         model.load(self.client_view(model, down, client))
         adapter = model.global_names
         local = self.local_names(model, int(client.tensors[DEPTH]))
-        opt_a = adamw(model.params(adapter), self.t.lr, self.t.weight_decay)
-        opt_l = adamw(model.params(local), self.t.lr, self.t.weight_decay, client.optim.get("local"))
+        opt_a = adamw(model.params(adapter), self.lr(rnd), self.t.weight_decay)
+        opt_l = adamw(model.params(local), self.lr(rnd), self.t.weight_decay, client.optim.get("local"))
         a_losses, l_losses = [], []
         with training(model):
             with model.mode("both"):  # 1. adapter phase: the local model frozen
-                for _ in range(self.local_epochs()):
-                    for batch in data.epoch():
-                        a_losses.append(sgd_step(model, batch, adapter, opt_a, self.t.clip))
+                for batch in self.local_batches(data):
+                    a_losses.append(sgd_step(model, batch, adapter, opt_a, self.t.clip))
             up = model.read(adapter)
             with model.mode("private"):  # 2. local phase: the adapter frozen (its output detached)
-                for _ in range(self.local_epochs()):
-                    for batch in data.epoch():
-                        l_losses.append(sgd_step(model, batch, local, opt_l, self.t.clip))
+                for batch in self.local_batches(data):
+                    l_losses.append(sgd_step(model, batch, local, opt_l, self.t.clip))
         client.optim["local"] = opt_l.state_dict()
         client.tensors.update(model.read(local))
         return up, client, {"loss": mean(l_losses), "adapter_loss": mean(a_losses)}
