@@ -101,6 +101,9 @@ class MethodConfig:
     mask_ties: str = "random"  # random: exactly the top share, ties broken at random | keep: every |w| >= threshold
     private_optimizer: str = "persist"  # persist: the private AdamW state carries over rounds | fresh: new each round
     global_step_private: str = "off"  # off: the global step runs without the private track | on: with it (frozen)
+    # FedSLIP+ candidates (issue 12)
+    private_head: bool = False  # each client trains its own head copy in the private step, for its personal model
+    private_warmup: str = "masked"  # masked: no private steps in warmup | dense: train unmasked, prune at its end
     strategy: str = "method"  # server aggregation: "method" (its own) or a Flower strategy, e.g. "fedmedian"
     # related methods (see README's method table)
     client_ranks: list[int] | None = None  # flora: LoRA rank per client (cycled); None: [16, 8, 8, 4]
@@ -362,5 +365,6 @@ def validate(cfg: Config) -> None:
          f"method.private_optimizer = {m.private_optimizer!r}: expected persist or fresh")
     need(m.global_step_private in ("off", "on"),
          f"method.global_step_private = {m.global_step_private!r}: expected off or on")
+    need(m.private_warmup in ("masked", "dense"), f"method.private_warmup = {m.private_warmup!r}: expected masked or dense")
     need(m.head in (None, "shared", "local", "frozen"),
          f"method.head = {m.head!r}: expected shared, local or frozen")

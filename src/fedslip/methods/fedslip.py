@@ -14,15 +14,43 @@ the zero-initialised B is then a seeded random 25 % (ties broken at random). Inf
 ("zero-shot personalization"). The classification head belongs to the global track by default (trained in
 the global step, averaged and sent with it). The reference kept FedSLIP's head frozen at its random init
 (its "4.5 MB per round" is LoRA q/v alone): `method.head = "frozen"` does that and sends LoRA alone.
+
+Options beyond the reference (issue 12, "FedSLIP+"): `method.private_head` gives each client its own copy of
+the head, trained in the private step and used by its personal model (the shared head still serves the
+global model); `method.private_warmup = "dense"` trains the private track unmasked during warmup and then
+keeps the top share by trained magnitude (masks from what was learned, not from the init).
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 
 from fedslip.methods.base import ClientData, ClientState, Method, adamw, mean, sgd_step, training
 from fedslip.model.adapted import AdaptedModel
 from fedslip.seeding import torch_gen
+
+
+OWN = "own."  # client.tensors prefix of a private head
+
+
+class HeadSwap:
+    """Context: the client's own head in the model for a private step, the shared head back after. The own
+    head starts as a copy of the shared head the first time the client takes a private step."""
+
+    def __init__(self, model: AdaptedModel, client: ClientState):
+        self.model = model
+        own = {k[len(OWN):]: v for k, v in client.tensors.items() if k.startswith(OWN)}
+        self.own = model.snapshot(model.head_names) if not own else {k: v.to(model.device) for k, v in own.items()}
+
+    def __enter__(self):
+        self.shared = self.model.snapshot(self.model.head_names)
+        self.model.load(self.own)
+
+    def __exit__(self, *exc):
+        self.own = self.model.snapshot(self.model.head_names)
+        self.model.load(self.shared)
 
 
 def mask_generator(seed: int, cid: int) -> torch.Generator:
@@ -40,16 +68,36 @@ class DualTrack(Method):
         state = super().init_client(model, cid, gen)
         private = model.init_track("p", gen)
         state.tensors.update(private)
-        state.tensors.update(self.masks(model, private, cid))
+        state.tensors.update(self.masks(model, private, cid, dense=self.dense_warmup()))
         return state
 
-    def masks(self, model: AdaptedModel, private, cid: int):
+    def dense_warmup(self) -> bool:
+        return self.m.private_warmup == "dense" and self.m.warmup_rounds > 0
+
+    def masks(self, model: AdaptedModel, private, cid: int, dense: bool = False):
+        if dense:
+            return {f"{n}_mask": torch.ones_like(private[n]) for n in model.private_names}
         return model.masks_for(private, self.m.sparsity, mask_generator(self.t.seed, cid), self.m.mask_ties)
 
     def refresh_masks(self, model: AdaptedModel, client: ClientState, cid: int, rnd: int) -> None:
+        """During warmup, masks follow the private weights' magnitudes; a dense warmup prunes once, at its end."""
         if rnd <= self.m.warmup_rounds:
             private = model.read(model.private_names)
-            client.tensors.update(self.masks(model, private, cid))
+            client.tensors.update(self.masks(model, private, cid, dense=self.dense_warmup() and rnd < self.m.warmup_rounds))
+
+    # --- the private head: stored as "own.<head tensor>", loaded in place of the shared head ----------------
+    def client_view(self, model: AdaptedModel, down, client: ClientState):
+        return {k: v for k, v in super().client_view(model, down, client).items() if not k.startswith(OWN)}
+
+    def own_head(self, client: ClientState):
+        return {k[len(OWN):]: v for k, v in client.tensors.items() if k.startswith(OWN)}
+
+    def personal_view(self, model: AdaptedModel, glob, client: ClientState):
+        return {**super().personal_view(model, glob, client), **self.own_head(client)}
+
+    def persistent_view(self, model: AdaptedModel, glob, client: ClientState):
+        view = super().persistent_view(model, glob, client)
+        return None if view is None else {**view, **self.own_head(client)}
 
     def keep_private(self, model: AdaptedModel, client: ClientState) -> None:
         names = model.private_names + (model.head_names if self.head == "local" else [])
@@ -63,21 +111,24 @@ class FedSLIP(DualTrack):
     def local_update(self, model: AdaptedModel, down, client: ClientState, data: ClientData, rnd: int):
         model.load(self.client_view(model, down, client))
         g_names = self.global_train_names(model)
-        p_names = model.private_names
+        heads = HeadSwap(model, client) if self.m.private_head else None
+        p_names = model.private_names + (model.head_names if heads else [])
         opt_g = adamw(model.params(g_names), self.lr(rnd), self.t.weight_decay)
         kept = client.optim.get("private") if self.m.private_optimizer == "persist" else None
         opt_p = adamw(model.params(p_names), self.lr(rnd) * self.m.private_lr_scale, self.t.weight_decay, kept)
         anchor = model.snapshot(self.shared_names(model))
-        private_on = rnd > self.m.warmup_rounds
+        private_on = rnd > self.m.warmup_rounds or self.dense_warmup()
         g_losses, p_losses = [], []
         with training(model):
             for batch in self.local_batches(data):
                 with model.mode("both" if self.m.global_step_private == "on" else "global"):
                     g_losses.append(sgd_step(model, batch, g_names, opt_g, self.t.clip, prox=(self.m.mu, anchor)))
                 if private_on:
-                    with model.mode("private"):
+                    with model.mode("private"), (heads or nullcontext()):
                         p_losses.append(sgd_step(model, batch, p_names, opt_p, self.t.clip, scale=self.m.lambda_p))
         client.optim["private"] = opt_p.state_dict()
+        if heads is not None and p_losses:
+            client.tensors.update({OWN + k: v.cpu() for k, v in heads.own.items()})
         self.keep_private(model, client)
         self.refresh_masks(model, client, data.cid, rnd)
         metrics = {"loss": mean(g_losses)}

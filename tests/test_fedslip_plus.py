@@ -1,0 +1,57 @@
+"""FedSLIP+ candidates: a private head per client, and masks from trained magnitudes after a dense warmup."""
+
+from __future__ import annotations
+
+import torch
+
+from fedslip.federation.inprocess import Simulation
+from fedslip.methods import METHODS
+
+from conftest import tiny_config
+
+
+def simulate(prep, rounds: int, **method):
+    sim = Simulation(prep, METHODS["fedslip"](tiny_config("fedslip", train={"rounds": rounds}, method=method)))
+    return sim
+
+
+def test_private_head_is_trained_in_the_private_step_used_by_the_personal_model_and_never_sent(tiny_prep):
+    sim = simulate(tiny_prep, 3, private_head=True, warmup_rounds=1)
+    uploaded = set()
+    real = sim.method.aggregate
+
+    def spy(ups, glob, rnd, participants):
+        uploaded.update(k for p, _ in ups for k in p)
+        return real(ups, glob, rnd, participants)
+
+    sim.method.aggregate = spy
+    sim.run_round(1)
+    assert not any(k.startswith("own.") for k in sim.clients[0].tensors)  # warmup: no private step, no own head
+    sim.run_round(2)
+    sim.run_round(3)
+    state, model, method = sim.clients[0], sim.model, sim.method
+    own = {k[4:]: v for k, v in state.tensors.items() if k.startswith("own.")}
+    assert set(own) == set(model.head_names)
+    down = method.down_payload(sim.glob, 0)
+    assert all(not torch.equal(own[n], sim.glob[n]) for n in model.head_names)
+    personal, global_ = method.personal_view(model, down, state), method.global_view(model, down, state)
+    assert all(torch.equal(personal[n], own[n]) and torch.equal(global_[n], sim.glob[n]) for n in model.head_names)
+    assert uploaded == set(method.shared_names(model))  # the own head never travels
+
+
+def test_dense_warmup_trains_unmasked_then_keeps_the_largest_trained_weights(tiny_prep):
+    sim = simulate(tiny_prep, 2, private_warmup="dense", warmup_rounds=2, sparsity=0.75)
+    name = sim.model.private_names[0]
+    init = sim.clients[1].tensors[name].clone()
+    assert torch.all(sim.clients[1].tensors[f"{name}_mask"] == 1)
+    sim.run_round(1)
+    state = sim.clients[1]
+    assert not torch.equal(state.tensors[name], init)  # private steps ran during warmup
+    assert torch.all(state.tensors[f"{name}_mask"] == 1)  # still dense before the warmup ends
+    sim.run_round(2)
+    for n in sim.model.private_names:
+        w, mask = state.tensors[n], state.tensors[f"{n}_mask"]
+        keep = round(0.25 * w.numel())
+        assert int(mask.sum()) == keep
+        top = torch.topk(w.abs().flatten(), keep).values.min()
+        assert torch.all(w.abs()[mask.bool()] >= top) and torch.all(w.abs()[~mask.bool()] <= top)
