@@ -82,8 +82,8 @@ def _compare(args, cfg, methods: list[str], out: Path, console, progress):
                   f"{len(prep.split.train)} clients, training on {[len(s) for s in prep.split.train]} examples")
     console.print(f"device: {describe_placement(prep.backbone.placement.info)}")
     paths = resumable(out, prep, methods)
-    runs = [Simulation(prep, method_for(cfg.for_method(name)), progress).run(paths[name], args.resume)
-            for name in methods]
+    runs = [Simulation(prep, method_for(replace(cfg, method=replace(cfg.method, name=name))), progress).run(
+        paths[name], args.resume) for name in methods]
     write_outputs(out, prep, runs, time.perf_counter() - start)
     console.print(f"wrote {out}/: results.json rounds.csv clients.csv ledger.csv comparison.md comparison.csv figure.png")
     return [r for r, _ in runs]

@@ -126,9 +126,11 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def for_method(self, name: str) -> "Config":
-        """This config for method `name`: its name set and its `by_method` settings applied."""
-        cfg = apply_overrides(self, self.by_method.get(name, {}), f"by_method.{name}")
+    def for_method(self, name: str, own: dict[str, dict[str, Any]] | None = None) -> "Config":
+        """This config for method `name`: its name set, then the method's `own` settings (a method defined by
+        them, e.g. fedslip-plus), then the user's `by_method` settings for it."""
+        cfg = apply_overrides(self, own or {}, f"method {name}")
+        cfg = apply_overrides(cfg, self.by_method.get(name, {}), f"by_method.{name}")
         cfg.method.name = name
         cfg.by_method = {}
         return cfg

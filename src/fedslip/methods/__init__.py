@@ -27,4 +27,5 @@ def method_for(cfg) -> Method:
         from fedslip.errors import UserError
 
         raise UserError(f"unknown method {cfg.method.name!r} (known: {', '.join(METHODS)})")
-    return METHODS[cfg.method.name](cfg.for_method(cfg.method.name))
+    cls = METHODS[cfg.method.name]
+    return cls(cfg.for_method(cfg.method.name, cls.settings))

@@ -86,6 +86,7 @@ class Method:
     communicates = True
     uploads_deltas = False  # uploads are changes, not values (the norm check then takes them whole)
     persistent = True  # an upload holds the trained values, so the client can keep its last model (`sent`)
+    settings: dict = {}  # {section: {key: value}} this method always runs with (over the run's; by_method wins)
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
