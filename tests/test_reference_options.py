@@ -69,6 +69,7 @@ def test_reference_preset_sets_each_method_its_own_way():
     assert cfg.for_method("fedavg").method.head is None
     assert "pre_classifier" in cfg.for_method("fedavg").model.head_modules
     assert cfg.for_method("fedslip").model.head_modules is None
+    assert cfg.for_method("fedslip").method.dropout == 0.0 and cfg.for_method("fedavg").method.dropout == 0.1
     assert (cfg.method.mask_ties, cfg.method.private_optimizer, cfg.method.global_step_private) == ("keep", "fresh", "on")
 
 

@@ -155,12 +155,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     # The paper protocol as the reference code ran it, its accidents included (docs/fidelity.md).
     "reference": {
-        "method": {"mask_ties": "keep", "private_optimizer": "fresh", "global_step_private": "on", "mu": 0.0,
-                   "dropout": 0.0},
+        "train": {"precision": "fp32"},
+        "method": {"mask_ties": "keep", "private_optimizer": "fresh", "global_step_private": "on", "mu": 0.0},
         "by_method": {
-            "fedslip": {"method": {"head": "frozen"}},
+            "fedslip": {"method": {"head": "frozen", "dropout": 0.0}},
+            "dualtrack-naive": {"method": {"dropout": 0.0}},
             # DistilBERT's pre_classifier; on a BERT backbone (MiniLM) its counterpart is the pooler
             "fedavg": {"model": {"head_modules": ["pre_classifier", "bert.pooler", "classifier"]}},
+            "local": {"model": {"head_modules": ["pre_classifier", "bert.pooler", "classifier"]}},
         },
     },
 }
