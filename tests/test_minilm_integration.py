@@ -28,7 +28,7 @@ def test_fedslip_on_ag_news_with_minilm(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "run"
     rc = main(["run", "--preset", "quick", "--data-dir", str(ag_news_dir()), "--quiet", "--out", str(out),
-               "--set", "train.rounds=2", "--set", "partition.n_train=64", "--set", "partition.n_test=32",
+               "--set", "train.rounds=2", "--set", "train.local_steps=2", "--set", "partition.n_train=64", "--set", "partition.n_test=32",
                "--set", "partition.n_global_test=16"])
     assert rc == 0
     doc = json.loads((out / "results.json").read_text())

@@ -146,11 +146,12 @@ BY_METHOD_KEYS = {"method": None, "train": {"lr", "local_epochs", "local_only_ep
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {},
     # Same shape (4 dominant-class clients, all methods, warmup then private steps), small enough for
-    # 2 CPU cores in a few minutes. Fewer examples and rounds, so a larger learning rate.
+    # 2 CPU cores in a few minutes. Fewer examples and rounds, so a larger learning rate; the local work is a
+    # step budget, so a client's training does not shrink with its data (README: Configuration).
     "quick": {
         "partition": {"n_train": 256, "n_test": 100, "n_global_test": 50, "max_train_per_client": 256},
         "model": {"max_length": 64, "backbone_dropout": 0.0},
-        "train": {"rounds": 5, "local_epochs": 1, "local_only_epochs": 3, "lr": 5e-3},
+        "train": {"rounds": 5, "local_steps": 16, "local_only_epochs": 3, "lr": 5e-3},
         "method": {"warmup_rounds": 2},
     },
     # The paper protocol as the reference code ran it, its accidents included (docs/fidelity.md).
