@@ -50,3 +50,10 @@ def test_bad_toml(tmp_path):
     f.write_text("[train\nrounds=")
     with pytest.raises(UserError, match="not valid TOML"):
         load_config(str(f))
+
+
+def test_set_none_unsets_an_optional_key_and_is_refused_for_others():
+    cfg = load_config(preset="quick", sets=["train.local_steps=none"])
+    assert cfg.train.local_steps is None and load_config(preset="quick").train.local_steps == 16
+    with pytest.raises(UserError, match="train.lr"):
+        load_config(sets=["train.lr=null"])

@@ -224,17 +224,21 @@ def _by_method(values: Any, origin: str) -> dict[str, dict[str, dict[str, Any]]]
 
 
 def parse_set(items: list[str]) -> dict[str, dict[str, Any]]:
-    """Parse `--set section.key=value` items; values are TOML literals, else plain strings."""
+    """Parse `--set section.key=value` items; values are TOML literals (`none` unsets an optional key), else
+    plain strings."""
     out: dict[str, dict[str, Any]] = {}
     for item in items:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise UserError(f"--set {item!r}: expected section.key=value, e.g. train.rounds=3")
         dotted, raw = item.split("=", 1)
         section, key = dotted.strip().split(".", 1)
-        try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw
+        if raw.strip() in ("none", "null"):  # TOML has no null: unset an optional key (e.g. train.local_steps)
+            value = None
+        else:
+            try:
+                value = tomllib.loads(f"v = {raw}")["v"]
+            except tomllib.TOMLDecodeError:
+                value = raw
         out.setdefault(section, {})[key] = value
     return out
 
