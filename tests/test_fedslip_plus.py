@@ -55,3 +55,28 @@ def test_dense_warmup_trains_unmasked_then_keeps_the_largest_trained_weights(tin
         assert int(mask.sum()) == keep
         top = torch.topk(w.abs().flatten(), keep).values.min()
         assert torch.all(w.abs()[mask.bool()] >= top) and torch.all(w.abs()[~mask.bool()] <= top)
+
+
+def test_private_steps_see_the_received_global_track_when_asked(tiny_prep, monkeypatch):
+    import fedslip.methods.fedslip as module
+
+    def global_track_in_private_steps(base: str):
+        sim = simulate(tiny_prep, 1, private_base=base, warmup_rounds=0)
+        received = {n: t.clone() for n, t in sim.glob.items()}
+        seen, real = [], module.sgd_step
+
+        def spy(model, batch, names, opt, clip, **kw):
+            if names[0] in model.private_names:
+                seen.append(all(torch.equal(model.read([n])[n], received[n]) for n in model.global_names))
+            out = real(model, batch, names, opt, clip, **kw)
+            return out
+
+        monkeypatch.setattr(module, "sgd_step", spy)
+        sim.run_round(1)
+        monkeypatch.setattr(module, "sgd_step", real)
+        return seen
+
+    received = global_track_in_private_steps("received")
+    assert received and all(received)
+    local = global_track_in_private_steps("local")
+    assert local and not any(local)

@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fedslip.flower_cli import add_commands
 
     add_commands(sub, add_common)
+    from fedslip.export.commands import add_commands as add_export_commands
+
+    add_export_commands(sub)
     return parser
 
 
@@ -172,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if hasattr(args, "flower_handler"):
             return args.flower_handler(args)
+        if hasattr(args, "export_handler"):
+            return args.export_handler(args)
         if args.command == "methods":
             from fedslip.methods import METHODS
 

@@ -104,6 +104,7 @@ class MethodConfig:
     # FedSLIP+ candidates (issue 12)
     private_head: bool = False  # each client trains its own head copy in the private step, for its personal model
     private_warmup: str = "masked"  # masked: no private steps in warmup | dense: train unmasked, prune at its end
+    private_base: str = "local"  # local: private steps on the global track as it trains | received: as it arrived
     strategy: str = "method"  # server aggregation: "method" (its own) or a Flower strategy, e.g. "fedmedian"
     # related methods (see README's method table)
     client_ranks: list[int] | None = None  # flora: LoRA rank per client (cycled); None: [16, 8, 8, 4]
@@ -374,6 +375,7 @@ def validate(cfg: Config) -> None:
          f"method.private_optimizer = {m.private_optimizer!r}: expected persist or fresh")
     need(m.global_step_private in ("off", "on"),
          f"method.global_step_private = {m.global_step_private!r}: expected off or on")
+    need(m.private_base in ("local", "received"), f"method.private_base = {m.private_base!r}: expected local or received")
     need(m.private_warmup in ("masked", "dense"), f"method.private_warmup = {m.private_warmup!r}: expected masked or dense")
     need(m.head in (None, "shared", "local", "frozen"),
          f"method.head = {m.head!r}: expected shared, local or frozen")

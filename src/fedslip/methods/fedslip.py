@@ -35,22 +35,20 @@ from fedslip.seeding import torch_gen
 OWN = "own."  # client.tensors prefix of a private head
 
 
-class HeadSwap:
-    """Context: the client's own head in the model for a private step, the shared head back after. The own
-    head starts as a copy of the shared head the first time the client takes a private step."""
+class Swap:
+    """Context: other values for some of the model's tensors during a private step, the global step's back
+    after; `values` keeps what the private step left in them (a trained own head)."""
 
-    def __init__(self, model: AdaptedModel, client: ClientState):
-        self.model = model
-        own = {k[len(OWN):]: v for k, v in client.tensors.items() if k.startswith(OWN)}
-        self.own = model.snapshot(model.head_names) if not own else {k: v.to(model.device) for k, v in own.items()}
+    def __init__(self, model: AdaptedModel, values):
+        self.model, self.values = model, dict(values)
 
     def __enter__(self):
-        self.shared = self.model.snapshot(self.model.head_names)
-        self.model.load(self.own)
+        self.saved = self.model.snapshot(list(self.values))
+        self.model.load(self.values)
 
     def __exit__(self, *exc):
-        self.own = self.model.snapshot(self.model.head_names)
-        self.model.load(self.shared)
+        self.values = self.model.snapshot(list(self.values))
+        self.model.load(self.saved)
 
 
 def mask_generator(seed: int, cid: int) -> torch.Generator:
@@ -111,12 +109,12 @@ class FedSLIP(DualTrack):
     def local_update(self, model: AdaptedModel, down, client: ClientState, data: ClientData, rnd: int):
         model.load(self.client_view(model, down, client))
         g_names = self.global_train_names(model)
-        heads = HeadSwap(model, client) if self.m.private_head else None
-        p_names = model.private_names + (model.head_names if heads else [])
+        p_names = model.private_names + (model.head_names if self.m.private_head else [])
         opt_g = adamw(model.params(g_names), self.lr(rnd), self.t.weight_decay)
         kept = client.optim.get("private") if self.m.private_optimizer == "persist" else None
         opt_p = adamw(model.params(p_names), self.lr(rnd) * self.m.private_lr_scale, self.t.weight_decay, kept)
         anchor = model.snapshot(self.shared_names(model))
+        swap = self.private_step_values(model, client, anchor)
         private_on = rnd > self.m.warmup_rounds or self.dense_warmup()
         g_losses, p_losses = [], []
         with training(model):
@@ -124,14 +122,27 @@ class FedSLIP(DualTrack):
                 with model.mode("both" if self.m.global_step_private == "on" else "global"):
                     g_losses.append(sgd_step(model, batch, g_names, opt_g, self.t.clip, prox=(self.m.mu, anchor)))
                 if private_on:
-                    with model.mode("private"), (heads or nullcontext()):
+                    with model.mode("private"), (swap or nullcontext()):
                         p_losses.append(sgd_step(model, batch, p_names, opt_p, self.t.clip, scale=self.m.lambda_p))
         client.optim["private"] = opt_p.state_dict()
-        if heads is not None and p_losses:
-            client.tensors.update({OWN + k: v.cpu() for k, v in heads.own.items()})
+        if self.m.private_head and p_losses:
+            client.tensors.update({OWN + n: swap.values[n].cpu() for n in model.head_names})
         self.keep_private(model, client)
         self.refresh_masks(model, client, data.cid, rnd)
         metrics = {"loss": mean(g_losses)}
         if p_losses:
             metrics["private_loss"] = mean(p_losses)
         return model.read(self.shared_names(model)), client, metrics
+
+    def private_step_values(self, model: AdaptedModel, client: ClientState, received) -> Swap | None:
+        """What the private step sees in place of the global step's values: the global track as received
+        (`private_base = "received"`, the model the personal view will add the private track to) and the
+        client's own head (`private_head`; a copy of the received head until it first trains)."""
+        values = {}
+        if self.m.private_base == "received":
+            values.update(received)
+        if self.m.private_head:
+            own = self.own_head(client)
+            values.update({n: own[n].to(model.device) if n in own else received.get(n, model.snapshot([n])[n])
+                           for n in model.head_names})
+        return Swap(model, values) if values else None

@@ -1,0 +1,148 @@
+"""Write a run's model as a folder that plain PEFT loads, and prove that it loads what was written.
+
+The folder is PEFT's own: we build a `PeftModel` (LoRA, task SEQ_CLS, the head in `modules_to_save`) on
+the run's backbone, copy the folded tensors into its LoRA and head modules, and let `save_pretrained`
+name the keys. PEFT only warns when a key does not match and silently keeps its initial weights, so after
+saving we load the folder back into a fresh copy of the backbone and require (1) every saved LoRA and head
+tensor to come back exactly as written and (2) the loaded model's logits to equal fedslip's own on a few
+probe sequences. Anything else fails loudly, and nothing is left at --out: the folder is written into a
+hidden sibling and renamed only once both checks pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fedslip.errors import UserError
+from fedslip.export.fold import fold
+from fedslip.export.model_card import model_card
+from fedslip.export.trained_view import TrainedView
+from fedslip.model.backbone import HEAD_MODULES
+
+ADAPTER = "default"
+META = "fedslip.json"
+PROBES = 4  # probe sequences for the logits check
+PROBE_LENGTH = 16
+LOGIT_TOLERANCE = 1e-4  # relative to the largest |logit|: fp32 rounding of a different summation order
+
+
+def head_module(view: TrainedView, tensor_name: str) -> str:
+    return next(m for m in (view.cfg.model.head_modules or HEAD_MODULES) if tensor_name.startswith(m + "."))
+
+
+def build_peft_model(view: TrainedView):
+    """A PeftModel on a copy of the backbone, holding the folded view: (model, its rank)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    pairs, rank = fold(view.model, view.mode, view.method.name)
+    heads = view.model.read(view.model.head_names)
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=rank, lora_alpha=rank, lora_dropout=0.0, use_rslora=False,
+                        target_modules=sorted({n.rsplit(".", 1)[-1] for n in pairs}),
+                        modules_to_save=sorted({head_module(view, n) for n in heads}))
+    peft_model = get_peft_model(copy.deepcopy(view.backbone.model), config)
+    peft_model.peft_config[ADAPTER].base_model_name_or_path = view.cfg.model.backbone
+    inner = peft_model.base_model.model
+    lora = {n for n, m in inner.named_modules() if isinstance(m, LoraLayer)}
+    if lora != set(pairs):
+        raise UserError(f"PEFT's LoRA targets ({len(lora)} layers) are not the run's ({len(pairs)} layers): "
+                        f"{sorted(lora ^ set(pairs))[:3]}")
+    with torch.no_grad():
+        for name, (a, b) in pairs.items():
+            layer = inner.get_submodule(name)
+            layer.lora_A[ADAPTER].weight.copy_(a)
+            layer.lora_B[ADAPTER].weight.copy_(b)
+        for name, t in heads.items():
+            module = head_module(view, name)
+            wrapper = inner.get_submodule(module)
+            if not isinstance(wrapper, ModulesToSaveWrapper):
+                raise UserError(f"PEFT did not put head module {module!r} in modules_to_save")
+            wrapper.modules_to_save[ADAPTER].get_parameter(name[len(module) + 1:]).copy_(t)
+    return peft_model.eval(), rank
+
+
+def saved_tensors(peft_model) -> dict[str, torch.Tensor]:
+    """Exactly what `save_pretrained` writes (LoRA and modules_to_save tensors, PEFT's key names)."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+def load_folder(base_model, folder: Path):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(copy.deepcopy(base_model), str(folder)).eval()
+
+
+def check_loaded(loaded, written: dict[str, torch.Tensor], folder: Path) -> None:
+    """Every tensor written must come back from `folder` unchanged (PEFT keeps its initial weights for keys
+    it does not recognise, and only warns)."""
+    back = saved_tensors(loaded)
+    wrong = [k for k, t in written.items() if k not in back or not torch.equal(back[k], t)]
+    if wrong or set(back) != set(written):
+        raise UserError(f"export check failed: PEFT loaded {len(wrong) or len(set(back) ^ set(written))} of the "
+                        f"{len(written)} tensors written to {folder} otherwise (first: {(wrong or sorted(set(back) ^ set(written)))[0]}); "
+                        "the folder's keys do not match what PEFT expects")
+
+
+@torch.inference_mode()
+def logit_gap(view: TrainedView, peft_model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[float, float]:
+    """(largest |Δlogit| between fedslip's model of the view and `peft_model`, largest |logit|)."""
+    with view.model.mode(view.mode):
+        ours = view.model.logits(input_ids, attention_mask)
+    theirs = peft_model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    return float((ours - theirs).abs().max()), float(ours.abs().max())
+
+
+def probe_batch(view: TrainedView) -> tuple[torch.Tensor, torch.Tensor]:
+    """A few seeded random token sequences, one of them half padding."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, view.backbone.model.config.vocab_size, (PROBES, PROBE_LENGTH), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[-1, PROBE_LENGTH // 2:] = 0
+    return ids, mask
+
+
+def check_logits(view: TrainedView, loaded) -> float:
+    gap, scale = logit_gap(view, loaded, *probe_batch(view))
+    if not gap <= LOGIT_TOLERANCE * max(1.0, scale):
+        raise UserError(f"export check failed: the exported model's logits differ from fedslip's by {gap:.3g} "
+                        f"(largest logit {scale:.3g})")
+    return gap
+
+
+def export(view: TrainedView, out: Path) -> dict:
+    """Write the folder at `out` (which must not exist, or be empty); return what fedslip.json holds."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out}: exists and is not an empty folder; choose another")
+    peft_model, rank = build_peft_model(view)
+    written = saved_tensors(peft_model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        peft_model.save_pretrained(str(stage))
+        loaded = load_folder(view.backbone.model, stage)
+        check_loaded(loaded, written, stage)
+        gap = check_logits(view, loaded)
+        meta = {"format": 1, "backbone": view.cfg.model.backbone, "backbone_seed": view.cfg.train.seed,
+                "num_labels": len(view.label_names), "label_names": view.label_names,
+                "max_length": view.cfg.model.max_length, "text_columns": view.cfg.data.text_columns,
+                "method": view.method.name, "client": view.client, "mode": view.mode, "rank": rank,
+                "run": str(view.run_dir.resolve()), "run_precision": view.precision,
+                "check": {"tensors": len(written), "max_abs_logit_diff": gap}}
+        (stage / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        (stage / "README.md").write_text(model_card(view, rank), encoding="utf-8")
+        if out.exists():
+            out.rmdir()
+        os.replace(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return meta

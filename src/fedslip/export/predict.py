@@ -1,0 +1,107 @@
+"""Classify new text with an export folder: the label name and every class probability per row.
+
+The base model is resolved as fedslip resolves backbones (a local folder, the cache, the hub, the packaged
+MiniLM, or a tiny test model rebuilt from its seed: `fedslip.json` names it) and the adapter is loaded by
+PEFT from the folder itself. Texts are tokenized as a run's evaluation tokenizes them (`Encoded`).
+Bad input (no folder, not an export, a missing column, an empty file) is one UserError before anything is
+written; `--out` is written to a temporary file and renamed, so it is never half-written.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedslip.data.batching import Encoded
+from fedslip.errors import UserError
+from fedslip.export.peft_folder import META
+from fedslip.model.backbone import load_backbone
+
+BATCH = 64
+
+
+@dataclass
+class Classifier:
+    meta: dict
+    model: object  # PeftModel
+    tokenizer: object
+    pad_id: int
+
+    @property
+    def label_names(self) -> list[str]:
+        return self.meta["label_names"]
+
+
+def export_meta(folder: Path) -> dict:
+    """The folder's fedslip.json; one clear line when `folder` is not an export."""
+    if not folder.is_dir():
+        raise UserError(f"{folder}: folder not found")
+    if not (folder / META).is_file():
+        raise UserError(f"{folder} is not a fedslip export (no {META}); make one with `fedslip export`")
+    return json.loads((folder / META).read_text(encoding="utf-8"))
+
+
+def load_classifier(folder: Path, meta: dict) -> Classifier:
+    from peft import PeftModel
+
+    backbone = load_backbone(meta["backbone"], meta["num_labels"], meta["backbone_seed"])
+    model = PeftModel.from_pretrained(backbone.model, str(folder)).eval()
+    return Classifier(meta, model, backbone.tokenizer, backbone.tokenizer.pad_token_id or 0)
+
+
+@torch.inference_mode()
+def probabilities(clf: Classifier, texts: list[str]) -> np.ndarray:
+    """(len(texts), classes) softmax probabilities, in input order."""
+    enc = Encoded(texts, np.zeros(len(texts)), clf.tokenizer, clf.meta["max_length"], clf.pad_id)
+    out = np.zeros((len(texts), len(clf.label_names)))
+    for batch in enc.eval_batches(np.arange(len(texts)), BATCH):
+        logits = clf.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+        out[batch.index] = torch.softmax(logits, dim=-1).numpy()
+    return out
+
+
+def read_texts(path: Path, columns: list[str]) -> list[str]:
+    """One text per CSV row: the `columns` joined by a space."""
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8; re-save the file as UTF-8") from None
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        header = reader.fieldnames or []
+        missing = [c for c in columns if c not in header]
+        if missing:
+            raise UserError(f"{path}: no column {missing[0]!r} (columns: {', '.join(header) or 'none'}); "
+                            "pass --text-columns")
+        texts = [" ".join(row[c] or "" for c in columns) for row in reader]
+    except csv.Error as e:
+        raise UserError(f"{path}: line {reader.line_num}: {e}; check the quoting") from None
+    if not texts:
+        raise UserError(f"{path}: no data rows")
+    return texts
+
+
+def write_predictions(out: Path, texts: list[str], probs: np.ndarray, names: list[str]) -> None:
+    """A CSV: text, label, one probability column per class; written whole or not at all."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["text", "label", *(f"p_{n}" for n in names)])
+            for text, p in zip(texts, probs):
+                w.writerow([text, names[int(p.argmax())], *(f"{x:.6f}" for x in p)])
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
