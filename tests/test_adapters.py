@@ -131,3 +131,12 @@ def test_cheap_dropout_backbone_computes_what_the_original_computes(kind):
     model.net.train()
     with torch.no_grad():
         assert not torch.allclose(model.logits(ids, mask), model.logits(ids, mask))  # dropout is on
+
+
+def test_a_fresh_model_evaluates_without_dropout(tiny_prep):
+    """A resumed run or a Flower node may evaluate before it has trained once in this process."""
+    from fedslip.methods import METHODS
+    from conftest import tiny_config
+
+    model = METHODS["fedslip"](tiny_config("fedslip", method={"dropout": 0.5})).build(tiny_prep.backbone)
+    assert not any(m.training for m in model.net.modules())

@@ -6,6 +6,7 @@ Metrics are the run's own (its results.json), for the exported model only; nothi
 from __future__ import annotations
 
 from fedslip.export.trained_view import TrainedView
+from fedslip.model.backbone import TINY_PREFIX
 
 
 def _pct(x) -> str:
@@ -18,10 +19,9 @@ def metric_rows(view: TrainedView) -> list[tuple[str, str]]:
         return [("global accuracy (balanced global test set)", _pct(final.get("global_acc"))),
                 ("mean accuracy on the clients' test sets", _pct(final.get("client_acc_mean")))]
     c = view.result["clients"][view.client]
-    rows = [(f"accuracy on client {view.client}'s test set ({c['n_test']} examples)", _pct(c["personal_acc"])),
+    return [(f"accuracy on client {view.client}'s test set ({c['n_test']} examples)", _pct(c["personal_acc"])),
             ("the global model on the same test set", _pct(c["client_acc"])),
             ("training examples of this client", str(c["n_train"]))]
-    return rows
 
 
 def model_card(view: TrainedView, rank: int) -> str:
@@ -32,8 +32,11 @@ def model_card(view: TrainedView, rank: int) -> str:
             ("traffic per round (all clients, up + down, measured)", f"{round(mib * 2**20):,} bytes ({mib:.3f} MiB)"),
             ("LoRA", f"rank {rank}, lora_alpha {rank} (scale 1: every scale is folded into lora_B), "
                      f"targets {', '.join(sorted({n.rsplit('.', 1)[-1] for n in view.model.layers}))}"),
-            ("run", f"`{view.run_dir}`, computed in {view.precision}")]
+            ("run", f"`{view.run_dir.resolve()}`, computed in {view.precision}")]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    tiny = (f"\n`{TINY_PREFIX}*` backbones are fedslip's test models, not hub names: "
+            f"`fedslip.model.backbone.load_backbone(\"{view.cfg.model.backbone}\", {len(view.label_names)}, "
+            f"{view.cfg.train.seed}).model` rebuilds this base.\n" if view.cfg.model.backbone.startswith(TINY_PREFIX) else "")
     bf16 = ("\nThe run computed in bf16; this folder computes in the precision it is loaded in (fp32 by default), "
             "so its logits differ from the run's by bf16 rounding.\n" if view.precision == "bf16" else "")
     return f"""---
@@ -44,14 +47,14 @@ tags: [fedslip, lora, text-classification]
 
 # {view.method.name}: {view.who}
 
-A plain PEFT LoRA folder holding exactly the model fedslip evaluated for this {view.who}: every adapter
+A plain PEFT LoRA folder holding exactly the model fedslip evaluated as the {view.who}: every adapter
 track of each projection folded into one LoRA, and the classification head in `modules_to_save`.
 Class names are in `fedslip.json` (`label_names`).
 
 | | |
 |---|---|
 {table}
-{bf16}
+{bf16}{tiny}
 ```python
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer

@@ -4,9 +4,10 @@ The folder is PEFT's own: we build a `PeftModel` (LoRA, task SEQ_CLS, the head i
 the run's backbone, copy the folded tensors into its LoRA and head modules, and let `save_pretrained`
 name the keys. PEFT only warns when a key does not match and silently keeps its initial weights, so after
 saving we load the folder back into a fresh copy of the backbone and require (1) every saved LoRA and head
-tensor to come back exactly as written and (2) the loaded model's logits to equal fedslip's own on a few
-probe sequences. Anything else fails loudly, and nothing is left at --out: the folder is written into a
-hidden sibling and renamed only once both checks pass.
+tensor to come back exactly as written, (2) every loaded LoRA layer to add what fedslip's layer adds, on
+random inputs, and (3) the loaded model's logits to equal fedslip's own on a few probe sequences (the base
+and the head). Anything else fails loudly, and nothing is left at --out: the folder is written into a
+hidden sibling and renamed only once every check passes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,9 +31,19 @@ from fedslip.model.backbone import HEAD_MODULES
 
 ADAPTER = "default"
 META = "fedslip.json"
-PROBES = 4  # probe sequences for the logits check
+PROBES = 4  # probe sequences (and random inputs per layer) for the checks
 PROBE_LENGTH = 16
-LOGIT_TOLERANCE = 1e-4  # relative to the largest |logit|: fp32 rounding of a different summation order
+# fp32 rounding of another summation order is ~1e-7 relative; a wrong fold is off by far more
+LAYER_TOLERANCE = 1e-4  # relative to the largest |change| the layer adds
+LOGIT_TOLERANCE = 1e-4  # relative to the largest |logit| (at least 1)
+
+
+@contextmanager
+def quiet_peft():
+    """PEFT calls a transformers method that transformers 5 deprecates: one FutureWarning per call, not ours."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
 
 
 def head_module(view: TrainedView, tensor_name: str) -> str:
@@ -48,7 +61,8 @@ def build_peft_model(view: TrainedView):
     config = LoraConfig(task_type=TaskType.SEQ_CLS, r=rank, lora_alpha=rank, lora_dropout=0.0, use_rslora=False,
                         target_modules=sorted({n.rsplit(".", 1)[-1] for n in pairs}),
                         modules_to_save=sorted({head_module(view, n) for n in heads}))
-    peft_model = get_peft_model(copy.deepcopy(view.backbone.model), config)
+    with quiet_peft():
+        peft_model = get_peft_model(copy.deepcopy(view.backbone.model), config)
     peft_model.peft_config[ADAPTER].base_model_name_or_path = view.cfg.model.backbone
     inner = peft_model.base_model.model
     lora = {n for n, m in inner.named_modules() if isinstance(m, LoraLayer)}
@@ -73,33 +87,26 @@ def saved_tensors(peft_model) -> dict[str, torch.Tensor]:
     """Exactly what `save_pretrained` writes (LoRA and modules_to_save tensors, PEFT's key names)."""
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+    state = get_peft_model_state_dict(peft_model, save_embedding_layers=False)  # False: no hub look-up
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
 def load_folder(base_model, folder: Path):
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(copy.deepcopy(base_model), str(folder)).eval()
+    with quiet_peft():
+        return PeftModel.from_pretrained(copy.deepcopy(base_model), str(folder)).eval()
 
 
 def check_loaded(loaded, written: dict[str, torch.Tensor], folder: Path) -> None:
     """Every tensor written must come back from `folder` unchanged (PEFT keeps its initial weights for keys
     it does not recognise, and only warns)."""
     back = saved_tensors(loaded)
-    wrong = [k for k, t in written.items() if k not in back or not torch.equal(back[k], t)]
-    if wrong or set(back) != set(written):
-        raise UserError(f"export check failed: PEFT loaded {len(wrong) or len(set(back) ^ set(written))} of the "
-                        f"{len(written)} tensors written to {folder} otherwise (first: {(wrong or sorted(set(back) ^ set(written)))[0]}); "
-                        "the folder's keys do not match what PEFT expects")
-
-
-@torch.inference_mode()
-def logit_gap(view: TrainedView, peft_model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[float, float]:
-    """(largest |Δlogit| between fedslip's model of the view and `peft_model`, largest |logit|)."""
-    with view.model.mode(view.mode):
-        ours = view.model.logits(input_ids, attention_mask)
-    theirs = peft_model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-    return float((ours - theirs).abs().max()), float(ours.abs().max())
+    wrong = sorted(k for k in set(written) | set(back)
+                   if k not in back or k not in written or not torch.equal(back[k], written[k]))
+    if wrong:
+        raise UserError(f"export check failed: {len(wrong)} of the {len(written)} tensors written to {folder} did "
+                        f"not load back as written (first: {wrong[0]}); its keys are not what PEFT expects")
 
 
 def probe_batch(view: TrainedView) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,8 +118,31 @@ def probe_batch(view: TrainedView) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+@torch.inference_mode()
+def check_layers(view: TrainedView, loaded) -> None:
+    """Each loaded LoRA layer adds what fedslip's layer adds in the view's mode, on random inputs."""
+    gen = torch.Generator().manual_seed(0)
+    inner = loaded.base_model.model
+    with view.model.mode(view.mode):
+        for name, layer in view.model.layers.items():
+            x = torch.randn(PROBES, layer.base.in_features, generator=gen)
+            ours = layer(x) - layer.base(x)
+            peft_layer = inner.get_submodule(name)
+            theirs = peft_layer(x) - peft_layer.base_layer(x)
+            gap, scale = float((ours - theirs).abs().max()), float(ours.abs().max())
+            if not gap <= LAYER_TOLERANCE * scale:
+                raise UserError(f"export check failed: the exported LoRA of {name} adds {gap:.3g} more or less "
+                                f"than fedslip's layer (largest change {scale:.3g})")
+
+
+@torch.inference_mode()
 def check_logits(view: TrainedView, loaded) -> float:
-    gap, scale = logit_gap(view, loaded, *probe_batch(view))
+    """The loaded model's logits are fedslip's (the base and the head too); returns the largest |Δlogit|."""
+    ids, mask = probe_batch(view)
+    with view.model.mode(view.mode):
+        ours = view.model.logits(ids, mask)
+    theirs = loaded(input_ids=ids, attention_mask=mask).logits.float()
+    gap, scale = float((ours - theirs).abs().max()), float(ours.abs().max())
     if not gap <= LOGIT_TOLERANCE * max(1.0, scale):
         raise UserError(f"export check failed: the exported model's logits differ from fedslip's by {gap:.3g} "
                         f"(largest logit {scale:.3g})")
@@ -128,9 +158,10 @@ def export(view: TrainedView, out: Path) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        peft_model.save_pretrained(str(stage))
+        peft_model.save_pretrained(str(stage), save_embedding_layers=False)
         loaded = load_folder(view.backbone.model, stage)
         check_loaded(loaded, written, stage)
+        check_layers(view, loaded)
         gap = check_logits(view, loaded)
         meta = {"format": 1, "backbone": view.cfg.model.backbone, "backbone_seed": view.cfg.train.seed,
                 "num_labels": len(view.label_names), "label_names": view.label_names,

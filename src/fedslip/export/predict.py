@@ -22,7 +22,7 @@ import torch
 
 from fedslip.data.batching import Encoded
 from fedslip.errors import UserError
-from fedslip.export.peft_folder import META
+from fedslip.export.peft_folder import META, quiet_peft
 from fedslip.model.backbone import load_backbone
 
 BATCH = 64
@@ -53,7 +53,8 @@ def load_classifier(folder: Path, meta: dict) -> Classifier:
     from peft import PeftModel
 
     backbone = load_backbone(meta["backbone"], meta["num_labels"], meta["backbone_seed"])
-    model = PeftModel.from_pretrained(backbone.model, str(folder)).eval()
+    with quiet_peft():
+        model = PeftModel.from_pretrained(backbone.model, str(folder)).eval()
     return Classifier(meta, model, backbone.tokenizer, backbone.tokenizer.pad_token_id or 0)
 
 

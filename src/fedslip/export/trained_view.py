@@ -37,7 +37,7 @@ class TrainedView:
 
     @property
     def who(self) -> str:
-        return "global model" if self.client is None else f"client {self.client} (personal, synced)"
+        return "global model" if self.client is None else f"personal model of client {self.client} (personal, synced)"
 
 
 def checkpoint_path(run_dir: Path, method: str | None) -> Path:
@@ -106,6 +106,7 @@ def load_view(run_dir: Path, client: int | None, method: str | None = None,
             raise UserError(f"--client {client}: the run has clients 0..{len(clients) - 1}")
         view, mode = m.personal_view(model, m.down_payload(glob, client), clients[client]), "both"
     model.load(view)
+    model.net.eval()  # the adapter layers are created in training mode: their dropout must be off, as after training
     return TrainedView(run_dir, m.cfg, m, backbone, model, mode, client, names,
                        run_metrics(run_dir, m.name, meta), meta["fingerprint"].get("precision", "fp32"))
 

@@ -43,6 +43,7 @@ class AdaptedModel:
         self.placement = backbone.placement
         self.device = backbone.placement.device
         self.layers: dict[str, nn.Module] = inject(self.net, target_modules(self.net, targets), make_layer)
+        self.net.eval()  # new adapter layers start in training mode: an evaluation before any training must not drop out
         self._tensors: Tensors = {}
         for lname, layer in self.layers.items():
             for name, p in [*layer.named_parameters(), *layer.named_buffers()]:
