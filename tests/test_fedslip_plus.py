@@ -80,3 +80,15 @@ def test_private_steps_see_the_received_global_track_when_asked(tiny_prep, monke
     assert received and all(received)
     local = global_track_in_private_steps("local")
     assert local and not any(local)
+
+
+def test_fedslip_plus_is_fedslip_with_its_settings_and_by_method_still_wins(tiny_prep):
+    from fedslip.config import load_config
+    from fedslip.methods import method_for
+
+    cfg = load_config(preset="quick", method="fedslip-plus")
+    plus = method_for(cfg)
+    assert (plus.m.mu, plus.m.private_base, plus.name) == (0.0, "received", "fedslip-plus")
+    assert method_for(load_config(preset="quick", method="fedslip")).m.mu == 0.1
+    tuned = method_for(load_config(preset="quick", method="fedslip-plus", sets=["by_method.fedslip-plus.method.mu=0.05"]))
+    assert tuned.m.mu == 0.05

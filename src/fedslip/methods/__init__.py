@@ -9,13 +9,14 @@ from fedslip.methods.fedsa_rslora import FedSARsLoRA
 from fedslip.methods.fedsa_vera import FedSAVeRA
 from fedslip.methods.fedsb import FedSB
 from fedslip.methods.fedslip import FedSLIP
+from fedslip.methods.fedslip_plus import FedSLIPPlus
 from fedslip.methods.ffa import FFALoRA
 from fedslip.methods.flora import FLoRA
 from fedslip.methods.floral import FLoRAL
 from fedslip.methods.local import LocalOnly
 from fedslip.methods.pfedlora import PFedLoRA
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (LocalOnly, FedAvg, FedProx, DualTrackNaive, FedSLIP,
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (LocalOnly, FedAvg, FedProx, DualTrackNaive, FedSLIP, FedSLIPPlus,
                                                              FedSA, FedSARsLoRA, FedSAVeRA, FFALoRA,
                                                              FLoRAL, PFedLoRA, FLoRA, FedSB)}
 
