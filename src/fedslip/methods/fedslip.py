@@ -15,10 +15,10 @@ the zero-initialised B is then a seeded random 25 % (ties broken at random). Inf
 the global step, averaged and sent with it). The reference kept FedSLIP's head frozen at its random init
 (its "4.5 MB per round" is LoRA q/v alone): `method.head = "frozen"` does that and sends LoRA alone.
 
-Options beyond the reference (issue 12, "FedSLIP+"): `method.private_head` gives each client its own copy of
-the head, trained in the private step and used by its personal model (the shared head still serves the
-global model); `method.private_warmup = "dense"` trains the private track unmasked during warmup and then
-keeps the top share by trained magnitude (masks from what was learned, not from the init).
+Options beyond the reference (docs/fedslip-plus.md): `method.private_base = "received"` runs the private
+steps on the global track as received (what the synced personal view adds them to); `method.private_head`
+gives each client its own head, trained in the private step, for its personal model; `method.private_warmup
+= "dense"` trains the private track unmasked during warmup, then keeps the top share by trained magnitude.
 """
 
 from __future__ import annotations
