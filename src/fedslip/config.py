@@ -45,6 +45,7 @@ class PartitionConfig:
     classes_per_client: int = 2  # pathological
     max_train_per_client: int | None = None  # dirichlet/pathological/iid: at most this many training examples
     validation_fraction: float = 0.0  # > 0: hold out this share of each client's training data and evaluate on it
+    holdout_clients: int = 0  # the last k clients never train: they join once after the last round (newcomers)
 
 
 @dataclass
@@ -329,6 +330,9 @@ def validate(cfg: Config) -> None:
     need(p.max_train_per_client is None or p.max_train_per_client >= 1,
          f"partition.max_train_per_client = {p.max_train_per_client}: must be >= 1")
     need(0 <= p.validation_fraction < 1, f"partition.validation_fraction = {p.validation_fraction}: must be in [0, 1)")
+    need(0 <= p.holdout_clients < p.n_clients,
+         f"partition.holdout_clients = {p.holdout_clients}: must be in [0, {p.n_clients - 1}] "
+         f"(partition.n_clients = {p.n_clients}; at least one client must train)")
     need(p.classes_per_client >= 1, f"partition.classes_per_client = {p.classes_per_client}: must be >= 1")
     need(cfg.model.backbone_dropout is None or 0 <= cfg.model.backbone_dropout < 1,
          f"model.backbone_dropout = {cfg.model.backbone_dropout}: must be in [0, 1)")

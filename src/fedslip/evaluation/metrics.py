@@ -40,14 +40,20 @@ def summarize(result: MethodResult, ledger: Ledger) -> dict[str, float | None]:
     """Last-round metrics (never the best round): unweighted mean, test-size-weighted mean, worst client.
 
     Traffic: training payloads (`mib_*`), evaluation-only downloads (`eval_mib_*`), and in Flower runs the
-    training payloads' bytes as Flower serialized them (`wire_mib_*`)."""
+    training payloads' bytes as Flower serialized them (`wire_mib_*`). Held-out clients count in none of the
+    client means; where there are any, `newcomer_acc_mean` and `newcomer_global_acc_mean` are theirs."""
     mib_total, up_params, wire_mib_total = ledger.total_mib(), ledger.up_params(), ledger.total_wire_mib()
     last = next(r for r in reversed(result.rounds) if r.evaluated)
-    weights = [c.n_test for c in result.clients]
+    trained = [c for c in result.clients if not c.held_out]
+    weights = [c.n_test for c in trained]
     final: dict[str, float | None] = {"global_acc": last.global_acc}
     for key in ("client_acc", "personal_acc", "persistent_acc", "kstep_acc"):
-        mean, weighted, worst = _means([getattr(c, key) for c in result.clients], weights)
+        mean, weighted, worst = _means([getattr(c, key) for c in trained], weights)
         final.update({f"{key}_mean": mean, f"{key}_weighted": weighted, f"{key}_worst": worst})
+    newcomers = [c for c in result.clients if c.held_out]
+    if newcomers:
+        for key in ("newcomer_acc", "newcomer_global_acc"):
+            final[f"{key}_mean"] = _means([getattr(c, key) for c in newcomers], [c.n_test for c in newcomers])[0]
     final["train_loss"] = result.rounds[-1].train_loss
     final["mib_per_round"] = mib_total / len(result.rounds)
     final["mib_total"] = mib_total

@@ -61,7 +61,7 @@ def _rounds_rows(results: list[MethodResult]) -> list[dict]:
             for key in ("client_acc", "personal_acc", "persistent_acc"):
                 values = getattr(r, key)
                 row[f"{key}_mean"] = sum(values) / len(values) if values else None
-                for k in range(len(res.clients)):
+                for k in (c.client for c in res.clients if not c.held_out):
                     row[f"{key}_{k}"] = values[k] if values else None
             rows.append(row)
     return rows

@@ -36,6 +36,9 @@ class ClientRecord:
     personal_acc: float | None  # personal, synced: own state on the final global model, no extra fine-tuning
     kstep_acc: float | None = None  # fedavg: after K local fine-tuning steps from the final global model
     persistent_acc: float | None = None  # personal, persistent: the model as it left its last local training
+    held_out: bool = False  # partition.holdout_clients: never trained; joined once after the last round
+    newcomer_acc: float | None = None  # held out: its model after joining (the method's join_view)
+    newcomer_global_acc: float | None = None  # held out: the final global model on its test set
 
 
 @dataclass

@@ -47,6 +47,8 @@ COLUMNS: list[tuple[str, str, Callable[[float], str]]] = [
     ("personal_acc_worst", "Personal synced worst (%)", _pct),
     ("persistent_acc_mean", "Personal persistent mean (%)", _pct),
     ("kstep_acc_mean", "K-step acc mean (%)", _pct),
+    ("newcomer_acc_mean", "Newcomer acc after joining (%)", _pct),
+    ("newcomer_global_acc_mean", "Newcomer acc, global model (%)", _pct),
     ("mib_per_round", "MiB/round", _mib),
     ("mib_total", "MiB total", _mib),
     ("eval_mib_per_round", "Eval MiB/round", _mib),
@@ -72,6 +74,8 @@ FINAL_METRICS: list[tuple[str, str, Callable[[float], str]]] = [
     ("kstep_acc_mean", "K-step accuracy, mean (%)", _pct),
     ("kstep_acc_weighted", "K-step accuracy, weighted (%)", _pct),
     ("kstep_acc_worst", "K-step accuracy, worst (%)", _pct),
+    ("newcomer_acc_mean", "Held-out newcomers: accuracy after joining, mean (%)", _pct),
+    ("newcomer_global_acc_mean", "Held-out newcomers: accuracy of the global model, mean (%)", _pct),
     ("train_loss", "Training loss (last round)", _plain),
     ("mib_per_round", "MiB per round (training, up + down)", _mib),
     ("mib_total", "MiB total", _mib),
@@ -83,8 +87,10 @@ FINAL_METRICS: list[tuple[str, str, Callable[[float], str]]] = [
     ("rejected_uploads", "Uploads rejected by the server's checks", _count),
 ]
 
-# Columns that only some runtimes measure: left out of a Markdown table where no row has them.
-OPTIONAL = {"wire_mib_per_round"}
+# Columns that only some runtimes (Flower) or runs (with held-out clients) measure: left out of a Markdown
+# table where no row has them.
+NEWCOMER = {"newcomer_acc_mean", "newcomer_global_acc_mean"}
+OPTIONAL = {"wire_mib_per_round"} | NEWCOMER
 # Columns left out of a Markdown table where every row has 0 (a run without failures).
 ZERO_HIDDEN = {"failed_uploads", "rejected_uploads"}
 
@@ -127,7 +133,8 @@ def to_markdown(rows: Sequence[dict]) -> str:
 def final_table_markdown(result: MethodResult) -> str:
     """Two-column table (metric, value) of one method's final metrics, for printing after a single run."""
     known = {key for key, _, _ in FINAL_METRICS}
-    entries = [(title, _cell(result.final.get(key), fmt)) for key, title, fmt in FINAL_METRICS]
+    entries = [(title, _cell(result.final.get(key), fmt)) for key, title, fmt in FINAL_METRICS
+               if key not in NEWCOMER or key in result.final]
     entries += [(_md_text(k), _cell(v, _plain)) for k, v in result.final.items() if k not in known]
     entries.append(("Rounds", str(len(result.rounds))))
     entries.append(("Wall time (s)", _seconds(result.wall_time_s)))

@@ -47,6 +47,8 @@ class ClientSide:
         return answer, state
 
     def evaluate(self, cid: int, down: Payload, state: ClientState, ask: EvalAsk) -> dict[str, float]:
+        if ask.join:
+            return self.join(cid, down, state)
         method, model, prep = self.method, self.model, self.prep
         bs = self.cfg.train.eval_batch_size
         own = prep.split.test[cid]
@@ -68,4 +70,23 @@ class ClientSide:
             torch.manual_seed(derive(self.seed, "kstep-dropout", cid))
             kview = method.kstep_view(model, down, state, self.data(cid, 0))
             out["kstep-acc"] = group_accuracy(model, kview, "global", prep.test, [own], bs)[0]
+        return out
+
+    def join(self, cid: int, down: Payload, state: ClientState) -> dict[str, float]:
+        """A held-out client joins once, after the last round: the final global model on its own test set, then
+        the method's `join_view` (its own seeds: batches and dropout per client), on the same test set. Its
+        stored state is not changed."""
+        method, model, prep = self.method, self.model, self.prep
+        bs, own = self.cfg.train.eval_batch_size, [prep.split.test[cid]]
+        out: dict[str, float] = {}
+        view = method.global_view(model, down, state)
+        if view is not None:
+            out["newcomer-global-acc"] = group_accuracy(model, view, "global", prep.test, own, bs)[0]
+        torch.manual_seed(derive(self.seed, "join-dropout", cid))
+        data = ClientData(cid, prep.train, prep.split.train[cid], self.cfg.train.batch_size,
+                          numpy_gen(self.seed, "join-batches", cid))
+        joined = method.join_view(model, down, state, data)
+        if joined is not None:
+            mode = "both" if method.personalizes else "global"
+            out["newcomer-acc"] = group_accuracy(model, joined, mode, prep.test, own, bs)[0]
         return out

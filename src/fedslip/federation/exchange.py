@@ -22,11 +22,14 @@ class EvalAsk:
 
     `round`: the round whose global model this is (a train request carries the previous round's evaluation:
     its download is exactly that model). `global_test`: also score the balanced global test set.
-    `kstep`: also K-step fine-tune and score (after the last round)."""
+    `kstep`: also K-step fine-tune and score (after the last round). `join`: a held-out client joining once
+    after the last round: score the global model on its test set, then the method's `join_view` (instead of
+    the usual evaluation)."""
 
     round: int
     global_test: bool = False
     kstep: bool = False
+    join: bool = False
 
 
 @dataclass

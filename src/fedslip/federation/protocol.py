@@ -8,6 +8,11 @@ arrived and passed the checks, never a replay of the sampling.
 Evaluation of round t rides on round t+1's downloads, which are exactly round t's global model; a client
 that gets none (not selected, or failed) and every client after the last round get an evaluation-only
 download, which the ledger counts with kind "eval".
+
+Held-out clients (`partition.holdout_clients`: the last k ids) never take part in a round: never selected,
+never aggregated, not in the rounds' per-client lists. After the final evaluation each joins once
+(`finish`): an evaluation-only download of the final global model (kind "eval", note "join") with an
+`EvalAsk(join=True)`, answered by `ClientSide.join`.
 """
 
 from __future__ import annotations
@@ -70,7 +75,9 @@ class RoundProtocol:
         self.cfg = method.cfg
         self.seed = self.cfg.train.seed
         self.progress = progress or NullProgress()
-        self.n_clients = len(prep.split.train)
+        self.n_total = len(prep.split.train)
+        self.n_clients = self.n_total - self.cfg.partition.holdout_clients  # the clients that train: 0..n-1
+        self.newcomers: dict[int, dict[str, float]] | None = None  # held-out clients' join scores, once joined
         self.glob = method.init_global(model, torch_gen(self.seed, "global"))
         self.ledger = Ledger(method.name)
         self.aggregation = strategy_aggregation(method)
@@ -149,19 +156,19 @@ class RoundProtocol:
         everyone = self.method.head == "local" or self.global_test_everywhere
         return {k: EvalAsk(rnd, global_test=everyone or k == scorer, kstep=final) for k in range(self.n_clients)}
 
-    def _evaluate_only(self, rnd: int, glob, asks: dict[int, EvalAsk]) -> dict[int, dict[str, float]]:
+    def _evaluate_only(self, rnd: int, glob, asks: dict[int, EvalAsk], note: str = "") -> dict[int, dict[str, float]]:
         if not asks:
             return {}
         downs = {cid: self.method.down_payload(glob, cid) for cid in asks}
         requests = [Request(EVALUATE, cid, rnd, downs[cid], ask) for cid, ask in asks.items()]
-        replies = self._exchange(requests, f"round {rnd} evaluation")
-        self.crash("evaluate")
+        replies = self._exchange(requests, f"round {rnd} {'newcomer ' if note else ''}evaluation")
+        self.crash(note or "evaluate")
         out = {}
         for cid in asks:
             reply = replies[cid]
             if reply.delivered:
                 self.ledger.record(rnd, cid, "down", downs[cid], len(encode(downs[cid])), reply.down_wire,
-                                   kind="eval")
+                                   kind="eval", note=note)
             if reply.answer is not None and reply.answer.evaluation is not None:
                 out[cid] = reply.answer.evaluation
             else:
@@ -189,11 +196,24 @@ class RoundProtocol:
         self.kstep = {k: float(a["kstep-acc"]) for k, a in answers.items() if "kstep-acc" in a}
 
     def finish(self) -> None:
-        """Evaluate the last round (every client gets the final model, with K-step where the method has it)."""
+        """Evaluate the last round (every client gets the final model, with K-step where the method has it),
+        then let the held-out clients join, once."""
         if self.pending:
             rnd = self.pending.round
             self._fill(self.pending, self._evaluate_only(rnd, self.glob, self._asks(rnd, [], final=True)))
             self.pending = None
+        if self.newcomers is None:
+            self.newcomers = self._join()
+
+    def _join(self) -> dict[int, dict[str, float]]:
+        """Each held-out client gets the final global model once and answers with its join scores (a method
+        that communicates nothing has no global model to join: no download, no scores)."""
+        held_out = range(self.n_clients, self.n_total)
+        if not held_out or not self.method.communicates:
+            return {}
+        rnd = self.method.rounds()
+        self.current_round = rnd
+        return self._evaluate_only(rnd, self.glob, {k: EvalAsk(rnd, join=True) for k in held_out}, note="join")
 
     def _exchange(self, requests: list[Request], label: str) -> dict[int, Reply]:
         bar = self.progress.task(label, len(requests))
@@ -279,13 +299,21 @@ class RoundProtocol:
 
     def client_records(self, last: RoundRecord) -> list[ClientRecord]:
         prep = self.prep
-        return [ClientRecord(client=k, n_train=prep.clients[k]["n_train"], n_test=prep.clients[k]["n_test"],
-                             dominant_label=prep.clients[k]["dominant_label"],
-                             client_acc=_finite(last.client_acc[k]) if last.client_acc else None,
-                             personal_acc=_finite(last.personal_acc[k]) if last.personal_acc else None,
-                             kstep_acc=self.kstep.get(k),
-                             persistent_acc=_finite(last.persistent_acc[k]) if last.persistent_acc else None)
-                for k in range(self.n_clients)]
+
+        def sizes(k: int) -> dict:
+            return {"client": k, "n_train": prep.clients[k]["n_train"], "n_test": prep.clients[k]["n_test"],
+                    "dominant_label": prep.clients[k]["dominant_label"]}
+
+        trained = [ClientRecord(**sizes(k), client_acc=_finite(last.client_acc[k]) if last.client_acc else None,
+                                personal_acc=_finite(last.personal_acc[k]) if last.personal_acc else None,
+                                kstep_acc=self.kstep.get(k),
+                                persistent_acc=_finite(last.persistent_acc[k]) if last.persistent_acc else None)
+                   for k in range(self.n_clients)]
+        joined = self.newcomers or {}
+        return trained + [ClientRecord(**sizes(k), client_acc=None, personal_acc=None, held_out=True,
+                                       newcomer_acc=joined.get(k, {}).get("newcomer-acc"),
+                                       newcomer_global_acc=joined.get(k, {}).get("newcomer-global-acc"))
+                          for k in range(self.n_clients, self.n_total)]
 
 
 def _finite(x: float | None) -> float | None:

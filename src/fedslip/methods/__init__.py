@@ -28,5 +28,4 @@ def method_for(cfg) -> Method:
         from fedslip.errors import UserError
 
         raise UserError(f"unknown method {cfg.method.name!r} (known: {', '.join(METHODS)})")
-    cls = METHODS[cfg.method.name]
-    return cls(cfg.for_method(cfg.method.name, cls.settings))
+    return METHODS[cfg.method.name](cfg)

@@ -12,6 +12,8 @@ A method owns nothing but policy. The engine owns the model, the data and the lo
                                                                arrived and passed the checks, as ups
     global_view / personal_view                 -> what to evaluate (personal: final global + own state)
     persistent_view                             -> the client's model as it left its last local training
+    join_view(model, down, client, data)        -> a held-out client's model after it joins once, after the
+                                                   last round (None: the method has no such join)
 
 A `Payload` (flat name -> tensor dict) is the only thing that crosses the client/server boundary; the
 engine serializes every payload and the ledger counts those bytes.
@@ -89,6 +91,7 @@ class Method:
     settings: dict = {}  # {section: {key: value}} this method always runs with (over the run's; by_method wins)
 
     def __init__(self, cfg: Config):
+        cfg = cfg.for_method(self.name, self.settings)  # its own settings, then the user's by_method ones
         self.cfg = cfg
         self.m = cfg.method
         self.t = cfg.train
@@ -218,6 +221,12 @@ class Method:
         if not self.persistent or not client.sent:
             return None
         return {**self.personal_view(model, glob, client), **client.sent}
+
+    def join_view(self, model: AdaptedModel, glob: Tensors, client: ClientState, data: ClientData) -> Tensors | None:
+        """A newcomer (a held-out client) joining once after the last round: its model after whatever local
+        training the method gives a client that arrives late, from the final global model `glob` and its fresh
+        state (left unchanged). Evaluated in mode "both" if the method personalizes, else "global". None: no join."""
+        return None
 
 
 # --- shared helpers ------------------------------------------------------------------------------------

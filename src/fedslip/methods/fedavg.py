@@ -29,3 +29,7 @@ class FedAvg(Method):
             for batch in data.batches(0, steps=k):
                 sgd_step(model, batch, names, opt, self.t.clip)
         return model.read(names)
+
+    def join_view(self, model: AdaptedModel, glob: Tensors, client: ClientState, data: ClientData) -> Tensors:
+        """A newcomer joins as every client personalizes at the end: K steps from the final global model."""
+        return self.kstep_view(model, glob, client, data)

@@ -101,6 +101,12 @@ class DualTrack(Method):
         names = model.private_names + (model.head_names if self.head == "local" else [])
         client.tensors.update(model.read(names))
 
+    def join_view(self, model: AdaptedModel, down, client: ClientState, data: ClientData):
+        """A newcomer trains only its own tensors (private track, private head) on the final global model."""
+        from fedslip.methods.newcomer import private_join
+
+        return private_join(self, model, down, client, data)
+
 
 class FedSLIP(DualTrack):
     name = "fedslip"

@@ -18,7 +18,8 @@ Messages (every one carries a ConfigRecord "config" with `server-round` and `par
 new node for its partition; `train` carries exactly `method.down_payload(glob, cid)` as the ArrayRecord
 "arrays" and, when the previous round awaits its evaluation, `eval-round`/`global-test`/`kstep`; the reply
 carries the upload ("arrays"), the training metrics ("metrics") and the scores ("evaluation").
-`evaluate` is the same without training. See `federation/protocol.py` for the round itself.
+`evaluate` is the same without training (`join`: a held-out client joining after the last round). See
+`federation/protocol.py` for the round itself.
 """
 
 from __future__ import annotations

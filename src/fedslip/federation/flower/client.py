@@ -58,7 +58,7 @@ def request_message(req: Request, node: int) -> Message:
     config = {"server-round": req.round, "partition-id": req.cid, **req.config}
     if req.evaluate is not None:
         config.update({"eval-round": req.evaluate.round, "global-test": req.evaluate.global_test,
-                       "kstep": req.evaluate.kstep})
+                       "kstep": req.evaluate.kstep, "join": req.evaluate.join})
     content = RecordDict({ARRAYS: payload_to_record(req.payload), CONFIG: ConfigRecord(config)})
     kind = MessageType.TRAIN if req.kind == TRAIN else MessageType.EVALUATE
     return Message(content, node, kind, group_id=str(req.round))
@@ -70,9 +70,10 @@ def message_request(msg: Message, pid: int) -> Request:
         raise UserError(f"message for partition {config['partition-id']} reached partition {pid}")
     ask = None
     if "eval-round" in config:
-        ask = EvalAsk(int(config["eval-round"]), bool(config["global-test"]), bool(config["kstep"]))
+        ask = EvalAsk(int(config["eval-round"]), bool(config["global-test"]), bool(config["kstep"]),
+                      bool(config.get("join", False)))
     extra = {k: v for k, v in config.items()
-             if k not in ("server-round", "partition-id", "eval-round", "global-test", "kstep")}
+             if k not in ("server-round", "partition-id", "eval-round", "global-test", "kstep", "join")}
     kind = TRAIN if msg.metadata.message_type == MessageType.TRAIN else EVALUATE
     return Request(kind, pid, int(config["server-round"]), record_to_payload(msg.content[ARRAYS]), ask, extra)
 
