@@ -28,6 +28,7 @@ from contextlib import nullcontext
 import torch
 
 from fedslip.methods.base import ClientData, ClientState, Method, adamw, mean, sgd_step, training
+from fedslip.methods.newcomer import private_join
 from fedslip.model.adapted import AdaptedModel
 from fedslip.seeding import torch_gen
 
@@ -87,6 +88,9 @@ class DualTrack(Method):
     def client_view(self, model: AdaptedModel, down, client: ClientState):
         return {k: v for k, v in super().client_view(model, down, client).items() if not k.startswith(OWN)}
 
+    def keep_own_head(self, client: ClientState, head) -> None:
+        client.tensors.update({OWN + n: t.cpu() for n, t in head.items()})
+
     def own_head(self, client: ClientState):
         return {k[len(OWN):]: v for k, v in client.tensors.items() if k.startswith(OWN)}
 
@@ -103,8 +107,6 @@ class DualTrack(Method):
 
     def join_view(self, model: AdaptedModel, down, client: ClientState, data: ClientData):
         """A newcomer trains only its own tensors (private track, private head) on the final global model."""
-        from fedslip.methods.newcomer import private_join
-
         return private_join(self, model, down, client, data)
 
 
@@ -132,7 +134,7 @@ class FedSLIP(DualTrack):
                         p_losses.append(sgd_step(model, batch, p_names, opt_p, self.t.clip, scale=self.m.lambda_p))
         client.optim["private"] = opt_p.state_dict()
         if self.m.private_head and p_losses:
-            client.tensors.update({OWN + n: swap.values[n].cpu() for n in model.head_names})
+            self.keep_own_head(client, {n: swap.values[n] for n in model.head_names})
         self.keep_private(model, client)
         self.refresh_masks(model, client, data.cid, rnd)
         metrics = {"loss": mean(g_losses)}

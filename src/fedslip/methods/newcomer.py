@@ -16,8 +16,6 @@ from fedslip.model.adapted import AdaptedModel, Tensors
 
 def private_join(method: Method, model: AdaptedModel, glob: Tensors, client: ClientState, data: ClientData) -> Tensors:
     """The newcomer's personal view after K private steps; `client` (its stored state) is left unchanged."""
-    from fedslip.methods.fedslip import OWN
-
     state = ClientState(tensors=dict(client.tensors), optim=dict(client.optim), sent=dict(client.sent))
     model.load(method.client_view(model, glob, state))
     names = model.private_names + (model.head_names if method.m.private_head else [])
@@ -28,5 +26,5 @@ def private_join(method: Method, model: AdaptedModel, glob: Tensors, client: Cli
             sgd_step(model, batch, names, opt, method.t.clip, scale=method.m.lambda_p)
     state.tensors.update(model.read(model.private_names))
     if method.m.private_head:  # its own head starts as the received one (as in FedSLIP's private step)
-        state.tensors.update({OWN + n: t for n, t in model.read(model.head_names).items()})
+        method.keep_own_head(state, model.read(model.head_names))
     return method.personal_view(model, glob, state)
