@@ -21,6 +21,7 @@ from torch import nn
 
 from fedslip.model.adapted import AdaptedModel
 from fedslip.model.backbone import load_backbone
+from fedslip.model.cpu_heap import keep_freed_memory
 from fedslip.model.placement import Placement, matmul_rate
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -73,14 +74,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--length", type=int, default=56)
     ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--default-heap", action="store_true",
+                    help="leave glibc's malloc as it is (a run on CPU keeps freed memory, as measured by default)")
     args = ap.parse_args()
+    heap = "default" if args.default_heap else keep_freed_memory()
     b, length = args.batch, args.length
     ids = torch.randint(1000, 20000, (b, length))
     mask = torch.ones_like(ids)
     labels = torch.randint(0, 4, (b,))
     eval_ids = torch.randint(1000, 20000, (128, length))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {b} x {length} tokens, "
-          f"{args.seconds:.0f} s per measurement")
+          f"{args.seconds:.0f} s per measurement; freed memory: {heap}")
     rows = []
     for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         model = build(dtype)

@@ -140,3 +140,20 @@ def test_a_fresh_model_evaluates_without_dropout(tiny_prep):
 
     model = METHODS["fedslip"](tiny_config("fedslip", method={"dropout": 0.5})).build(tiny_prep.backbone)
     assert not any(m.training for m in model.net.modules())
+
+
+def test_cheap_dropout_levels_are_uniform_at_every_position():
+    """The 15-bit levels are sliced four to a 63-bit draw: each of the four positions (including the
+    draw's top slice, whose sign bit is always 0) must be uniform, so the drop rate is p everywhere."""
+    from fedslip.model.cheap_dropout import LEVELS, kept_mask, random_levels
+
+    torch.manual_seed(0)
+    levels = random_levels(400_001, torch.device("cpu"))
+    assert levels.shape == (400_001,) and int(levels.min()) >= 0 and int(levels.max()) < LEVELS
+    by_slot = levels[:400_000].view(-1, 4).float() / LEVELS
+    for slot in range(4):
+        column = by_slot[:, slot]
+        assert abs(float(column.mean()) - 0.5) < 0.005
+        assert abs(float((column < 0.25).float().mean()) - 0.25) < 0.005
+    kept, scale = kept_mask(torch.ones(301, 299), 0.1)
+    assert abs(float(kept.float().mean()) - 0.9) < 0.005 and abs(scale - 1 / 0.9) < 1e-4

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fedslip.errors import UserError
+from fedslip.model.cpu_heap import keep_freed_memory
 
 BF16_MARGIN = 1.25  # bf16 must beat fp32 by this factor to be chosen
 _PROBES: dict[str, dict] = {}
@@ -92,4 +93,6 @@ def resolve(device_setting: str, precision_setting: str) -> Placement:
         info["probe"] = measured
         dtype = torch.bfloat16 if measured["bf16_speedup"] >= BF16_MARGIN else torch.float32
     info["precision"] = "bf16" if dtype == torch.bfloat16 else "fp32"
+    if device.type == "cpu":
+        info["freed_memory"] = keep_freed_memory()
     return Placement(device, dtype, info)
