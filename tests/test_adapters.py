@@ -49,6 +49,29 @@ def test_private_mode_sends_gradients_only_to_private_track():
     assert layer.p_A.grad is not None and layer.p_A.grad.abs().sum() > 0
 
 
+def test_private_mode_passes_gradients_through_the_frozen_weight_to_layers_below():
+    """Two stacked layers: the private step's gradients on the lower layer's private track are those of
+    W x + detach(global track's output) + private track, written out by hand: only the global track's output
+    is a constant, the frozen weight's path still carries gradients down."""
+    def by_hand(layer, x):
+        glob = (x @ layer.g_A.T @ layer.g_B.T * layer.scale_g).detach()
+        return layer.base(x) + glob + x @ (layer.p_A * layer.p_A_mask).T @ (layer.p_B * layer.p_B_mask).T * layer.scale_p
+
+    def grads(forward) -> list[torch.Tensor]:
+        lower, upper = make_layer(0, r_p=4), make_layer(1, r_p=4)
+        upper.base = nn.Linear(5, 5)
+        upper.g_A, upper.p_A = nn.Parameter(torch.randn(2, 5)), nn.Parameter(torch.randn(4, 5))
+        upper.p_A_mask = torch.ones(4, 5)
+        lower.mode = upper.mode = "private"
+        torch.manual_seed(3)
+        forward(upper, forward(lower, torch.randn(3, 6))).square().sum().backward()
+        assert lower.g_A.grad is None and upper.g_B.grad is None
+        return [lower.p_A.grad, lower.p_B.grad]
+
+    for got, want in zip(grads(lambda layer, x: layer(x)), grads(by_hand)):
+        torch.testing.assert_close(got, want)
+
+
 def test_global_mode_ignores_private_track():
     layer = make_layer()
     layer.mode = "global"

@@ -10,13 +10,15 @@ client and is sparsified by magnitude masks M. `mode` selects what the forward p
 - "global": global track only (global evaluation, the global step of FedSLIP);
 - "both": both tracks (personalized inference, the naive dual-track design);
 - "private": both tracks, the global output detached (FedSLIP's private step: gradients reach only the
-  private track, and the global track costs no backward work).
+  private track, and the global track costs no backward work). Gradients still flow through the frozen
+  weight to the layers below.
 
 A rank of 0 disables a track (single-LoRA methods such as fedavg use r_p = 0).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -93,26 +95,30 @@ class DualLoRALinear(nn.Module):
             self.register_buffer("p_B_mask", torch.ones(fan_out, r_p))
         self.mode = "both"
 
-    def _global(self, x: torch.Tensor, keep: float) -> torch.Tensor:
-        return F.linear(F.linear(x, self.g_A), self.g_B) * (self.scale_g * keep)
-
-    def _private(self, x: torch.Tensor, keep: float) -> torch.Tensor:
-        return F.linear(F.linear(x, self.p_A * self.p_A_mask), self.p_B * self.p_B_mask) * (self.scale_p * keep)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if not (self.r_g or self.r_p):
             return y
         xd, keep = self.drop(x)
         if self.r_g:
-            if self.mode == "private":
-                with torch.no_grad():
-                    y = y + self._global(xd, keep)
-            else:
-                y = y + self._global(xd, keep)
+            y = add_low_rank(y, xd, self.g_A, self.g_B, self.scale_g * keep, constant=self.mode == "private")
         if self.r_p and self.mode != "global":
-            y = y + self._private(xd, keep)
+            y = add_low_rank(y, xd, self.p_A * self.p_A_mask, self.p_B * self.p_B_mask, self.scale_p * keep)
         return y
+
+
+def add_low_rank(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
+                 constant: bool = False) -> torch.Tensor:
+    """y + scale · B A x, the second product, the scaling and the sum in one addmm (no full-size temporaries).
+
+    `constant`: the track's output is a constant of the graph (no gradient to A, B or through x), while
+    gradients still flow through y, i.e. the frozen weight's path to the layers below.
+    """
+    with torch.no_grad() if constant else contextlib.nullcontext():
+        low = F.linear(x, a)
+    out = torch.addmm(y.reshape(-1, y.shape[-1]), low.reshape(-1, low.shape[-1]), (b.detach() if constant else b).t(),
+                      alpha=scale)
+    return out.view(y.shape)
 
 
 def inject(model: nn.Module, targets: list[str], make_layer) -> dict[str, nn.Module]:
