@@ -96,6 +96,15 @@ def test_probe_measures_both_precisions():
     assert rate > 0
 
 
+def test_one_stalled_timing_does_not_decide_the_precision(monkeypatch):
+    """A machine paused or busy during one timing (the first fp32 one here) still gets the best of three."""
+    timings = iter([0.5, 400.0, 100.0, 410.0, 105.0, 390.0])  # fp32, bf16 alternating; the first fp32 stalled
+    monkeypatch.setattr(placement_module, "matmul_rate", lambda device, dtype, seconds: next(timings))
+    monkeypatch.setattr(placement_module, "_PROBES", {})
+    got = placement_module.probe(torch.device("cpu"))
+    assert got == {"fp32_gflops": 105.0, "bf16_gflops": 410.0, "bf16_speedup": 3.9}
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_cuda_without_cuda_is_one_clear_error():
     with pytest.raises(UserError, match="no CUDA device"):

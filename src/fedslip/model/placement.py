@@ -2,8 +2,8 @@
 
 bf16 pays only where the hardware does it natively: on CUDA (bf16-capable GPUs) and on CPUs with
 native bf16 matmuls (e.g. AVX512-BF16); on other CPUs bf16 emulation is several times slower than fp32.
-So `precision = "auto"` times a matmul of the backbone's shape in both precisions, once per process,
-and picks bf16 only where it is measurably faster. Only the frozen backbone is stored in bf16; adapters,
+So `precision = "auto"` times a matmul of the backbone's shape in both precisions (alternating, best of
+three), once per process, and picks bf16 only where it is measurably faster. Only the frozen backbone is stored in bf16; adapters,
 heads and optimizer states stay fp32 masters.
 """
 
@@ -70,8 +70,12 @@ def probe(device: torch.device) -> dict:
     """fp32 and bf16 matmul rates on `device`, measured once per process."""
     key = str(device)
     if key not in _PROBES:
-        fp32 = matmul_rate(device, torch.float32)
-        bf16 = matmul_rate(device, torch.bfloat16)
+        # alternating short timings, the best of each: a pause or a burst of other work during one of them
+        # (a shared machine) must not decide the precision of the whole run
+        fp32 = bf16 = 0.0
+        for _ in range(3):
+            fp32 = max(fp32, matmul_rate(device, torch.float32, seconds=0.08))
+            bf16 = max(bf16, matmul_rate(device, torch.bfloat16, seconds=0.08))
         _PROBES[key] = {"fp32_gflops": round(fp32, 1), "bf16_gflops": round(bf16, 1),
                         "bf16_speedup": round(bf16 / fp32, 2)}
     return _PROBES[key]
