@@ -53,6 +53,22 @@ def test_global_step_with_private_track_on_sees_the_private_output(tiny_prep):
     assert not same(global_after_round_1("off", 0), global_after_round_1("on", 0))
 
 
+def test_live_global_output_in_the_private_step_changes_only_the_private_track(tiny_prep):
+    """`private_step_global = "live"` (the reference, by accident) lets the private loss reach lower layers
+    through the global track's path as well: other private weights, the same global track."""
+    def after_round_1(choice: str):
+        cfg = tiny_config("fedslip", method={"warmup_rounds": 0, "private_step_global": choice})
+        sim = Simulation(tiny_prep, METHODS["fedslip"](cfg))
+        sim.run_round(1)
+        private = {k: v for k, v in sim.clients[0].tensors.items() if k.startswith("p_") or ".p_" in k}
+        return sim.glob, private
+
+    glob_c, private_c = after_round_1("constant")
+    glob_l, private_l = after_round_1("live")
+    assert private_c and all(torch.equal(glob_c[k], glob_l[k]) for k in glob_c)
+    assert not all(torch.equal(private_c[k], private_l[k]) for k in private_c)
+
+
 def test_head_modules_put_the_pooler_into_the_head(tiny_prep):
     cfg = tiny_config("fedavg", model={"head_modules": ["bert.pooler", "classifier"]})
     model = method_for(cfg).build(tiny_prep.backbone)
@@ -70,7 +86,8 @@ def test_reference_preset_sets_each_method_its_own_way():
     assert "pre_classifier" in cfg.for_method("fedavg").model.head_modules
     assert cfg.for_method("fedslip").model.head_modules is None
     assert cfg.for_method("fedslip").method.dropout == 0.0 and cfg.for_method("fedavg").method.dropout == 0.1
-    assert (cfg.method.mask_ties, cfg.method.private_optimizer, cfg.method.global_step_private) == ("keep", "fresh", "on")
+    assert (cfg.method.mask_ties, cfg.method.private_optimizer, cfg.method.global_step_private,
+            cfg.method.private_step_global) == ("keep", "fresh", "on", "live")
 
 
 def test_by_method_never_changes_the_data():

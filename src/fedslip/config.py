@@ -102,6 +102,7 @@ class MethodConfig:
     mask_ties: str = "random"  # random: exactly the top share, ties broken at random | keep: every |w| >= threshold
     private_optimizer: str = "persist"  # persist: the private AdamW state carries over rounds | fresh: new each round
     global_step_private: str = "off"  # off: the global step runs without the private track | on: with it (frozen)
+    private_step_global: str = "constant"  # the global track's output in the private step: constant | live
     # FedSLIP+ candidates (issue 12)
     private_head: bool = False  # each client trains its own head copy in the private step, for its personal model
     private_warmup: str = "masked"  # masked: no private steps in warmup | dense: train unmasked, prune at its end
@@ -159,7 +160,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The paper protocol as the reference code ran it, its accidents included (docs/fidelity.md).
     "reference": {
         "train": {"precision": "fp32"},
-        "method": {"mask_ties": "keep", "private_optimizer": "fresh", "global_step_private": "on", "mu": 0.0},
+        "method": {"mask_ties": "keep", "private_optimizer": "fresh", "global_step_private": "on",
+                   "private_step_global": "live", "mu": 0.0},
         "by_method": {
             "fedslip": {"method": {"head": "frozen", "dropout": 0.0}},
             "dualtrack-naive": {"method": {"dropout": 0.0}},
@@ -379,6 +381,8 @@ def validate(cfg: Config) -> None:
          f"method.private_optimizer = {m.private_optimizer!r}: expected persist or fresh")
     need(m.global_step_private in ("off", "on"),
          f"method.global_step_private = {m.global_step_private!r}: expected off or on")
+    need(m.private_step_global in ("constant", "live"),
+         f"method.private_step_global = {m.private_step_global!r}: expected constant or live")
     need(m.private_base in ("local", "received"), f"method.private_base = {m.private_base!r}: expected local or received")
     need(m.private_warmup in ("masked", "dense"), f"method.private_warmup = {m.private_warmup!r}: expected masked or dense")
     need(m.head in (None, "shared", "local", "frozen"),

@@ -130,7 +130,8 @@ class FedSLIP(DualTrack):
                 with model.mode("both" if self.m.global_step_private == "on" else "global"):
                     g_losses.append(sgd_step(model, batch, g_names, opt_g, self.t.clip, prox=(self.m.mu, anchor)))
                 if private_on:
-                    with model.mode("private"), (swap or nullcontext()):
+                    with model.mode("private" if self.m.private_step_global == "constant" else "both"), \
+                            (swap or nullcontext()):
                         p_losses.append(sgd_step(model, batch, p_names, opt_p, self.t.clip, scale=self.m.lambda_p))
         client.optim["private"] = opt_p.state_dict()
         if self.m.private_head and p_losses:
