@@ -92,3 +92,20 @@ def test_fedslip_plus_is_fedslip_with_its_settings_and_by_method_still_wins(tiny
     assert method_for(load_config(preset="quick", method="fedslip")).m.mu == 0.1
     tuned = method_for(load_config(preset="quick", method="fedslip-plus", sets=["by_method.fedslip-plus.method.mu=0.05"]))
     assert tuned.m.mu == 0.05
+
+
+def test_fedslip_plus_global_model_is_fedavgs_exactly(tiny_prep):
+    """fedslip-plus trains its global track as FedAvg does and its private steps never touch it, draw their
+    dropout masks from a stream of their own and start from the received global track: after rounds with
+    private steps its global model is FedAvg's, bit for bit."""
+    def global_after_two_rounds(name: str, **method):
+        sim = Simulation(tiny_prep, METHODS[name](tiny_config(name, method={"dropout": 0.3, **method})))
+        sim.run_round(1)
+        sim.run_round(2)
+        return sim.glob, sim
+
+    fedavg, _ = global_after_two_rounds("fedavg")
+    plus, sim = global_after_two_rounds("fedslip-plus", warmup_rounds=0)
+    assert sim.clients[0].optim["private"]["state"][0]["step"].item() > 0  # private steps did run
+    assert fedavg.keys() == plus.keys()
+    assert all(torch.equal(fedavg[k], plus[k]) for k in fedavg)

@@ -6,7 +6,8 @@ its weights by magnitude. Each batch:
 
 1. global step: private track off, loss + μ/2‖g − g_round_start‖², the global AdamW (fresh each round);
 2. after `warmup_rounds`: private step: global output detached, loss × λp (0.6), the private AdamW at
-   `private_lr_scale` (½) of the learning rate, whose state persists on the client across rounds.
+   `private_lr_scale` (½) of the learning rate, whose state persists on the client across rounds. Its
+   dropout draws come from a stream of their own, so the global steps see the masks they would see alone.
 
 Masks are re-chosen from the private weights' magnitudes after each warmup round and frozen after. Since
 the private track takes no steps during warmup, those re-chosen masks equal the initial ones; the mask of
@@ -30,7 +31,7 @@ import torch
 from fedslip.methods.base import ClientData, ClientState, Method, adamw, mean, sgd_step, training
 from fedslip.methods.newcomer import private_join
 from fedslip.model.adapted import AdaptedModel
-from fedslip.seeding import torch_gen
+from fedslip.seeding import SideStream, derive, torch_gen
 
 
 OWN = "own."  # client.tensors prefix of a private head
@@ -124,6 +125,7 @@ class FedSLIP(DualTrack):
         anchor = model.snapshot(self.shared_names(model))
         swap = self.private_step_values(model, client, anchor)
         private_on = rnd > self.m.warmup_rounds or self.dense_warmup()
+        side = SideStream(derive(self.t.seed, "private-step-dropout", data.cid, rnd), model.device)
         g_losses, p_losses = [], []
         with training(model):
             for batch in self.local_batches(data):
@@ -131,7 +133,7 @@ class FedSLIP(DualTrack):
                     g_losses.append(sgd_step(model, batch, g_names, opt_g, self.t.clip, prox=(self.m.mu, anchor)))
                 if private_on:
                     with model.mode("private" if self.m.private_step_global == "constant" else "both"), \
-                            (swap or nullcontext()):
+                            (swap or nullcontext()), side:
                         p_losses.append(sgd_step(model, batch, p_names, opt_p, self.t.clip, scale=self.m.lambda_p))
         client.optim["private"] = opt_p.state_dict()
         if self.m.private_head and p_losses:
