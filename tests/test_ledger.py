@@ -121,3 +121,22 @@ def test_riding_evaluation_scores_the_previous_rounds_model(tiny_prep):
     assert record.evaluated
     assert record.client_acc == want_client and record.personal_acc == want_personal
     assert record.global_acc == want_global
+
+
+def test_in_process_round_encodes_each_payload_once(tiny_prep, monkeypatch):
+    """The transport encodes every download and upload once; the ledger takes its byte counts from there."""
+    from fedslip.federation import inprocess, payload
+
+    calls = []
+    real = payload.encode
+
+    def counting(p):
+        calls.append(1)
+        return real(p)
+
+    monkeypatch.setattr(inprocess, "encode", counting)
+    monkeypatch.setattr("fedslip.federation.protocol.encode", counting)
+    sim = Simulation(tiny_prep, METHODS["fedavg"](tiny_config("fedavg")))
+    calls.clear()
+    sim.run_round(1)
+    assert len(calls) == 2 * sim.n_clients

@@ -60,6 +60,7 @@ class Reply:
     error: str = ""  # why it failed, or why its upload could not be decoded
     delivered: bool = True  # False: the request never left the server (no node for the client)
     up_bytes: int = 0  # length of the upload in the project's encoding (the ledger's bytes)
+    down_bytes: int | None = None  # the same for the download, where the transport encoded it anyway
     down_wire: int | None = None  # Flower's serialized bytes of the payload in and out (Flower only)
     up_wire: int | None = None
     raw: Any = None  # the transport's own reply object

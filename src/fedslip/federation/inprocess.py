@@ -57,18 +57,19 @@ class InProcessTransport:
     def deliver(self, req: Request) -> Reply:
         if req.kind == TRAIN and self.fails(req.cid, req.round):
             return Reply(req.cid, error="simulated failure")
-        received = replace(req, payload=decode(encode(req.payload)))
+        down = encode(req.payload)
+        received = replace(req, payload=decode(down))
         answer, self.states[req.cid] = self.side.handle(received, self.states[req.cid])
         if answer.upload is None:
-            return Reply(req.cid, answer)
+            return Reply(req.cid, answer, down_bytes=len(down))
         blob = encode(answer.upload)
         if self.tamper is not None:
             blob = self.tamper(req.cid, req.round, blob)
         try:
             answer.upload = decode(blob)
         except UserError as e:
-            return Reply(req.cid, answer, error=str(e), up_bytes=len(blob))
-        return Reply(req.cid, answer, up_bytes=len(blob))
+            return Reply(req.cid, answer, error=str(e), up_bytes=len(blob), down_bytes=len(down))
+        return Reply(req.cid, answer, up_bytes=len(blob), down_bytes=len(down))
 
 
 class Simulation(RoundProtocol):

@@ -104,7 +104,7 @@ class RoundProtocol:
         for cid in selected:
             reply = replies[cid]
             if reply.delivered:
-                self.ledger.record(rnd, cid, "down", downs[cid], len(encode(downs[cid])), reply.down_wire)
+                self.ledger.record(rnd, cid, "down", downs[cid], down_bytes(reply, downs[cid]), reply.down_wire)
             if reply.answer is not None and reply.answer.evaluation is not None:
                 answers[cid] = reply.answer.evaluation
             accepted = self._accept(rnd, cid, reply, downs[cid], glob, record)
@@ -167,7 +167,7 @@ class RoundProtocol:
         for cid in asks:
             reply = replies[cid]
             if reply.delivered:
-                self.ledger.record(rnd, cid, "down", downs[cid], len(encode(downs[cid])), reply.down_wire,
+                self.ledger.record(rnd, cid, "down", downs[cid], down_bytes(reply, downs[cid]), reply.down_wire,
                                    kind="eval", note=note)
             if reply.answer is not None and reply.answer.evaluation is not None:
                 out[cid] = reply.answer.evaluation
@@ -318,3 +318,8 @@ class RoundProtocol:
 
 def _finite(x: float | None) -> float | None:
     return None if x is None or math.isnan(x) else x
+
+
+def down_bytes(reply: Reply, payload) -> int:
+    """The download's length in the project's encoding: the transport's count, or encoded here."""
+    return reply.down_bytes if reply.down_bytes is not None else len(encode(payload))
