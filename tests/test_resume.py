@@ -116,3 +116,20 @@ def test_resume_refuses_another_config_a_missing_or_a_corrupt_checkpoint(tmp_pat
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     code, err = fedslip(out, ["run", "--method", "fedavg"], resume=True, capsys=capsys)
     assert code == 2 and "unreadable" in err
+
+
+def test_a_run_with_a_stateful_flower_strategy_resumes_exactly(tmp_path):
+    """FedAdam's moments live in the strategy: the checkpoint keeps them, so a run killed after round 2's
+    checkpoint and resumed equals the uninterrupted one (a fresh FedAdam at round 3 would not)."""
+    pytest.importorskip("flwr")
+    strategy = ['method.strategy="fedadam:eta=0.05"']
+    whole = tmp_path / "whole"
+    assert fedslip(whole, ["run", "--method", "fedavg"], extra=strategy)[0] == 0
+    out = tmp_path / "run"
+    env = {**os.environ, "FEDSLIP_CRASH": "fedavg:3:train", "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-m", "fedslip", *argv(out, ["run", "--method", "fedavg"], strategy)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert any(n.startswith("m_t/") for n in load(path_for(out, "fedavg"))[2]["server"])
+    assert fedslip(out, ["run", "--method", "fedavg"], strategy, resume=True)[0] == 0
+    assert_same_outputs(out, whole, ["fedavg"])

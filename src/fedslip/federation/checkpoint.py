@@ -70,10 +70,13 @@ def existing(out: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
 
 
-def save(path: Path, glob: dict, clients: list[ClientState] | None, meta: dict[str, Any], crash=None) -> None:
+def save(path: Path, glob: dict, clients: list[ClientState] | None, meta: dict[str, Any], crash=None,
+         server: dict[str, torch.Tensor] | None = None) -> None:
+    """`server`: the aggregation's own state (a Flower strategy's moments), restored as meta["server"]."""
     from safetensors.torch import save_file
 
     tensors = {f"glob/{n}": t.detach().cpu().contiguous() for n, t in glob.items()}
+    tensors.update({f"server/{n}": t.detach().cpu().contiguous() for n, t in (server or {}).items()})
     skeletons = []
     for k, state in enumerate(clients or []):
         packed, skeleton = pack_state(state)
@@ -116,6 +119,7 @@ def check(path: Path, prep, method: str) -> None:
 def load(path: Path) -> tuple[dict, list[ClientState] | None, dict[str, Any]]:
     meta, tensors = _read(path, tensors=True)
     glob = {n[len("glob/"):]: t for n, t in tensors.items() if n.startswith("glob/")}
+    meta["server"] = {n[len("server/"):]: t for n, t in tensors.items() if n.startswith("server/")}
     clients = None
     if meta.get("has_clients"):
         clients = []

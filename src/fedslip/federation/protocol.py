@@ -263,8 +263,6 @@ class RoundProtocol:
         return getattr(self.transport, "states", None)
 
     def save(self, path: Path, result: MethodResult, wall_time_s: float, finished: bool = False) -> None:
-        if self.aggregation is not None:
-            return  # a Flower strategy keeps state of its own that cannot be saved: such runs do not resume
         meta = {"fingerprint": fingerprint(self.prep, self.method.name), "finished": finished,
                 "rounds": rounds_to_json(result.rounds), "ledger": ledger_to_json(self.ledger),
                 "pending": self.pending.round if self.pending else None, "kstep": self.kstep,
@@ -272,7 +270,10 @@ class RoundProtocol:
                 "transport": getattr(self.transport, "checkpoint_meta", dict)()}
         if finished:
             meta["result"] = {"clients": [asdict(c) for c in result.clients], "final": result.final}
-        save_checkpoint(path, self.glob, self.client_states(), meta, self.crash)
+        server = None
+        if self.aggregation is not None:
+            server, meta["strategy_state"] = self.aggregation.state()
+        save_checkpoint(path, self.glob, self.client_states(), meta, self.crash, server)
 
     def restore(self, path: Path) -> tuple[bool, MethodResult, float]:
         check_checkpoint(path, self.prep, self.method.name)
@@ -284,6 +285,8 @@ class RoundProtocol:
         rounds = rounds_from_json(meta["rounds"])
         self.pending = next((r for r in rounds if r.round == meta["pending"]), None)
         self.kstep = {int(k): v for k, v in meta["kstep"].items()}
+        if self.aggregation is not None:
+            self.aggregation.restore(meta["server"], meta.get("strategy_state", {}))
         if hasattr(self.transport, "restore_meta"):
             self.transport.restore_meta(meta.get("transport", {}))
         result = MethodResult(method=self.method.name, rounds=rounds)

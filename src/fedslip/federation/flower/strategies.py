@@ -26,6 +26,7 @@ from __future__ import annotations
 import tomllib
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedslip.errors import UserError
@@ -114,6 +115,36 @@ class StrategyAggregation:
         self.configured_round = rnd
         self.train_config = {k: v for k, v in config.items() if k != "server-round"}
         return self.train_config
+
+    # --- checkpoints: the arrays a strategy carries across rounds (FedOpt's moments, FedAvgM's momentum) --------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, list]]:
+        """(tensors, layout): every attribute holding arrays, as `<attr>/<key>` tensors; its kind and key order."""
+        from flwr.app import ArrayRecord
+
+        tensors, layout = {}, {}
+        for attr, value in vars(self.strategy).items():
+            if isinstance(value, ArrayRecord):
+                kind, items = "arrayrecord", list(record_to_payload(value).items())
+            elif isinstance(value, dict) and value and all(isinstance(v, np.ndarray) for v in value.values()):
+                kind, items = "dict", [(k, torch.from_numpy(np.array(v))) for k, v in value.items()]
+            elif isinstance(value, list) and value and all(isinstance(v, np.ndarray) for v in value):
+                kind, items = "list", [(str(i), torch.from_numpy(np.array(v))) for i, v in enumerate(value)]
+            else:
+                continue
+            layout[attr] = [kind, [k for k, _ in items]]
+            tensors.update({f"{attr}/{k}": t for k, t in items})
+        return tensors, layout
+
+    def restore(self, tensors: dict[str, torch.Tensor], layout: dict[str, list]) -> None:
+        for attr, (kind, keys) in layout.items():
+            items = [(k, tensors[f"{attr}/{k}"]) for k in keys]
+            if kind == "arrayrecord":
+                value = payload_to_record(dict(items))
+            elif kind == "dict":
+                value = {k: t.numpy() for k, t in items}
+            else:
+                value = [t.numpy() for _, t in items]
+            setattr(self.strategy, attr, value)
 
     def aggregate_messages(self, rnd: int, replies: list, glob: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         arrays, _ = self.strategy.aggregate_train(rnd, replies)
