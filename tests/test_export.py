@@ -286,6 +286,33 @@ def test_predict_file_writes_a_csv(fedslip_run, client_export, prep, tmp_path, c
         assert np.allclose(got, p, atol=1e-5) and row["label"] == f"topic_{int(p.argmax())}"
 
 
+def test_predict_reads_and_writes_json_lines(fedslip_run, client_export, prep, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"title": t.partition(" ")[0], "body": t.partition(" ")[2], "n": 1}) + "\n\n"
+                            for t in TEXTS), encoding="utf-8")
+    out = tmp_path / "preds.jsonl"
+    assert main(["predict", str(client_export), "--file", str(data), "--text-columns", "title,body",
+                 "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["text"] for r in rows] == TEXTS
+    for row, p in zip(rows, reference_probabilities(fedslip_run, prep, TEXTS)):
+        assert list(row["probabilities"]) == [f"topic_{c}" for c in range(4)]
+        assert np.allclose(list(row["probabilities"].values()), p, atol=1e-5)
+        assert row["label"] == f"topic_{int(p.argmax())}"
+
+
+@pytest.mark.parametrize("content,says", [('{"title": "a"}\n', "line 1: no field 'body'"),
+                                          ('{"title": "a", "body": "b"}\nnot json\n', "line 2: not JSON"),
+                                          ('["a", "b"]\n', "line 1: expected an object")])
+def test_predict_bad_json_lines(client_export, tmp_path, capsys, content, says):
+    data = tmp_path / "data.jsonl"
+    data.write_text(content)
+    out = tmp_path / "preds.jsonl"
+    rc = main(["predict", str(client_export), "--file", str(data), "--text-columns", "title,body", "--out", str(out)])
+    assert says in one_line_error(capsys, rc)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("case,says", [("missing folder", "folder not found"), ("not an export", "not a fedslip export"),
                                        ("missing column", "no column 'body'"), ("empty file", "no data rows")])
 def test_predict_bad_input(client_export, tmp_path, capsys, case, says):

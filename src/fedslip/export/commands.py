@@ -22,10 +22,10 @@ def add_commands(sub) -> None:
     pre.add_argument("folder", metavar="DIR", help="a folder written by `fedslip export`")
     src = pre.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", action="append", help="a text to classify (repeatable)")
-    src.add_argument("--file", help="a CSV file, one text per row")
-    pre.add_argument("--text-columns", help="--file: comma-separated columns joined into the text (default: the "
-                     "run's data.text_columns)")
-    pre.add_argument("--out", help="write the predictions to this CSV")
+    src.add_argument("--file", help="a CSV file (one text per row) or a .jsonl file (one JSON object per line)")
+    pre.add_argument("--text-columns", help="--file: comma-separated columns (JSON fields) joined into the text "
+                     "(default: the run's data.text_columns)")
+    pre.add_argument("--out", help="write the predictions to this CSV (or JSON Lines, for a .jsonl name)")
     pre.set_defaults(export_handler=_predict)
 
 

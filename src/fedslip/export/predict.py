@@ -3,7 +3,8 @@
 The base model is resolved as fedslip resolves backbones (a local folder, the cache, the hub, the packaged
 MiniLM, or a tiny test model rebuilt from its seed: `fedslip.json` names it) and the adapter is loaded by
 PEFT from the folder itself. Texts are tokenized as a run's evaluation tokenizes them (`Encoded`).
-Bad input (no folder, not an export, a missing column, an empty file) is one UserError before anything is
+Input is CSV or JSON Lines (by suffix), and so is `--out`. Bad input (no folder, not an export, a missing
+column, an empty file, a line that is not JSON) is one UserError before anything is
 written; `--out` is written to a temporary file and renamed, so it is never half-written.
 """
 
@@ -69,14 +70,44 @@ def probabilities(clf: Classifier, texts: list[str]) -> np.ndarray:
     return out
 
 
+def is_jsonl(path: Path) -> bool:
+    return path.suffix.lower() in (".jsonl", ".ndjson")
+
+
 def read_texts(path: Path, columns: list[str]) -> list[str]:
-    """One text per CSV row: the `columns` joined by a space."""
+    """One text per CSV row or JSON Lines record (by the file's suffix): the `columns` joined by a space."""
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8; re-save the file as UTF-8") from None
+    texts = _jsonl_texts(path, text, columns) if is_jsonl(path) else _csv_texts(path, text, columns)
+    if not texts:
+        raise UserError(f"{path}: no data rows")
+    return texts
+
+
+def _jsonl_texts(path: Path, text: str, columns: list[str]) -> list[str]:
+    texts = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: line {n}: not JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}: line {n}: expected an object with the field(s) {', '.join(columns)}")
+        missing = [c for c in columns if c not in record]
+        if missing:
+            raise UserError(f"{path}: line {n}: no field {missing[0]!r} (fields: {', '.join(record) or 'none'}); "
+                            "pass --text-columns")
+        texts.append(" ".join(str(record[c] or "") for c in columns))
+    return texts
+
+
+def _csv_texts(path: Path, text: str, columns: list[str]) -> list[str]:
     try:
         reader = csv.DictReader(io.StringIO(text, newline=""))
         header = reader.fieldnames or []
@@ -84,24 +115,28 @@ def read_texts(path: Path, columns: list[str]) -> list[str]:
         if missing:
             raise UserError(f"{path}: no column {missing[0]!r} (columns: {', '.join(header) or 'none'}); "
                             "pass --text-columns")
-        texts = [" ".join(row[c] or "" for c in columns) for row in reader]
+        return [" ".join(row[c] or "" for c in columns) for row in reader]
     except csv.Error as e:
         raise UserError(f"{path}: line {reader.line_num}: {e}; check the quoting") from None
-    if not texts:
-        raise UserError(f"{path}: no data rows")
-    return texts
 
 
 def write_predictions(out: Path, texts: list[str], probs: np.ndarray, names: list[str]) -> None:
-    """A CSV: text, label, one probability column per class; written whole or not at all."""
+    """A CSV (text, label, one probability column per class) or, for a .jsonl name, one JSON object per
+    row (text, label, probabilities by class name); written whole or not at all."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     try:
         with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["text", "label", *(f"p_{n}" for n in names)])
-            for text, p in zip(texts, probs):
-                w.writerow([text, names[int(p.argmax())], *(f"{x:.6f}" for x in p)])
+            if is_jsonl(out):
+                for text, p in zip(texts, probs):
+                    record = {"text": text, "label": names[int(p.argmax())],
+                              "probabilities": {n: round(float(x), 6) for n, x in zip(names, p)}}
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            else:
+                w = csv.writer(f)
+                w.writerow(["text", "label", *(f"p_{n}" for n in names)])
+                for text, p in zip(texts, probs):
+                    w.writerow([text, names[int(p.argmax())], *(f"{x:.6f}" for x in p)])
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
