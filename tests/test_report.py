@@ -168,6 +168,21 @@ def test_figure_has_six_panels_with_data(results):
     assert len(axes[3].lines) == N_CLIENTS and "fedslip only" in axes[3].get_title()
 
 
+def test_figure_shows_held_out_newcomers_in_the_client_bars(results):
+    import dataclasses
+
+    joined = dataclasses.replace(results[-1], clients=results[-1].clients + [
+        ClientRecord(client=N_CLIENTS, n_train=100, n_test=20, dominant_label=1, client_acc=None, personal_acc=None,
+                     held_out=True,
+                     newcomer_acc=0.93, newcomer_global_acc=0.81)])
+    bars = build_figure([results[1], joined]).get_axes()[4]
+    labels = [t.get_text() for t in bars.get_legend().get_texts()]
+    assert "fedslip (newcomer, after joining)" in labels and "fedslip (newcomer, global model)" in labels
+    heights = sorted(round(p.get_height(), 2) for p in bars.patches if p.get_height() in (0.93, 0.81))
+    assert heights == [0.81, 0.93]
+    assert any(t.get_text().startswith(f"newcomer {N_CLIENTS}") for t in bars.get_xticklabels())
+
+
 def test_figure_single_method(results):
     fig = build_figure(results[-1:])
     assert all(_has_data(ax) for ax in fig.get_axes())

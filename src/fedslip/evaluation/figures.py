@@ -1,8 +1,8 @@
 """The six-panel report figure of one or more finished runs.
 
 Panels (2 x 3): training loss per round; global accuracy per round; personalized accuracy vs cumulative
-MiB; per-client accuracy per round; per-client accuracy bars (every accuracy each method has); mean MiB per
-round per method.
+MiB; per-client accuracy per round; per-client accuracy bars (every accuracy each method has, held-out
+newcomers' included); mean MiB per round per method.
 
 The figure is built with `matplotlib.figure.Figure` directly, not pyplot: nothing is registered globally,
 no GUI backend is ever touched (PNG output always goes through the Agg renderer), and the caller's own
@@ -28,9 +28,10 @@ from fedslip.evaluation.records import MethodResult, RoundRecord
 
 _LINESTYLES = ["-", "--", ":", "-."]
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
-_HATCH = {"personal": "", "persistent": "xx", "global": "//", "kstep": ".."}
+_HATCH = {"personal": "", "persistent": "xx", "global": "//", "kstep": "..", "newcomer": "oo",
+          "newcomer_global": "\\\\"}
 _KIND_LABEL = {"personal": "personal, synced", "persistent": "personal, persistent", "global": "global model",
-               "kstep": "K-step"}
+               "kstep": "K-step", "newcomer": "newcomer, after joining", "newcomer_global": "newcomer, global model"}
 _MAX_PER_CLIENT_METHODS = 2  # panel 4: above this many methods or lines, only the headline (last) method is drawn
 _MAX_PER_CLIENT_LINES = 16
 _MAX_BAR_SERIES = 8  # panel 5: above this, methods with personalized bars lose their global-model bars
@@ -223,13 +224,16 @@ def _bar_series(results: Sequence[MethodResult]) -> list[tuple[str, str, dict[in
     for r in results:
         got = {}
         for kind, attr in (("personal", "personal_acc"), ("persistent", "persistent_acc"), ("global", "client_acc"),
-                           ("kstep", "kstep_acc")):
+                           ("kstep", "kstep_acc"), ("newcomer", "newcomer_acc"),
+                           ("newcomer_global", "newcomer_global_acc")):
             vals = {c.client: getattr(c, attr) for c in r.clients if getattr(c, attr) is not None}
             if vals:
                 got[kind] = vals
         for twin in ("global", "persistent"):
             if "personal" in got and got.get(twin) == got["personal"]:
                 del got[twin]
+        if "newcomer" in got and got.get("newcomer_global") == got["newcomer"]:  # joined as the global model
+            del got["newcomer_global"]
         out += [(r.method, kind, vals) for kind, vals in got.items()]
     if len(out) > _MAX_BAR_SERIES:
         has_personal = {m for m, k, _ in out if k == "personal"}
@@ -255,7 +259,9 @@ def _panel_client_bars(ax: Axes, results: Sequence[MethodResult], colors: dict[s
         ys = [vals[cid] for cid in clients if cid in vals]
         ax.bar(xs, ys, width=width, color=colors[method], hatch=_HATCH[kind], edgecolor="white", linewidth=0.5,
                label=f"{method} ({_KIND_LABEL[kind]})")
-    ticks = [f"client {c}" + (f"\n(label {dominant[c]})" if dominant.get(c) is not None else "") for c in clients]
+    newcomers = {c.client for r in results for c in r.clients if c.held_out}
+    ticks = [f"{'newcomer' if c in newcomers else 'client'} {c}"
+             + (f"\n(label {dominant[c]})" if dominant.get(c) is not None else "") for c in clients]
     ax.set_xticks(x, ticks, fontsize=8)
     ax.set_xlabel("Client (dominant training label)")
     ax.set_ylabel("Accuracy on the client's test set")
