@@ -70,7 +70,7 @@ def test_missing_data_dir(tmp_path, capsys):
 def test_csv_without_label_column(tmp_path, capsys):
     f = tmp_path.parent / f"{tmp_path.name}-data.csv"
     f.write_text("text,category\nhello,0\nworld,1\n")
-    err = bad(tmp_path, capsys, ["run", *sets([f"data.source=\"csv\"", f"data.train_file=\"{f}\""])])
+    err = bad(tmp_path, capsys, ["run", *sets(["data.source=\"csv\"", f"data.train_file=\"{f}\""])])
     assert "label" in err
 
 

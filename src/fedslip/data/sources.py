@@ -144,7 +144,7 @@ def _first_line(e: BaseException) -> str:
 def _load_files(cfg: DataConfig) -> TextData:
     if not cfg.train_file:
         raise UserError(f"data.source = {cfg.source}: set data.train_file (and optionally data.test_file)")
-    read = _read_csv if cfg.source == "csv" else _read_jsonl
+    read = read_csv_rows if cfg.source == "csv" else read_jsonl_rows
     cols = [*cfg.text_columns, cfg.label_column]
     train_rows = read(_existing(cfg.train_file, "data.train_file"), cols)
     train_texts, train_raw, _ = _texts_and_labels(train_rows, cfg, cfg.train_file)
@@ -182,6 +182,9 @@ def _warn(message: str) -> None:
     print(f"fedslip: warning: {message}", file=sys.stderr)
 
 
+CONFIG_HINT = "set data.text_columns / data.label_column"
+
+
 def _read_text(path: Path) -> str:
     """The whole file as text. A file that is not UTF-8 (spreadsheets often save cp1252/latin-1) is one error
     naming the line of the first bad byte, not a UnicodeDecodeError traceback."""
@@ -211,13 +214,13 @@ def _csv_records(path: Path, text: str) -> Iterator[tuple[int, list[str]]]:
             yield start, row
 
 
-def _read_csv(path: Path, columns: list[str]) -> list[tuple[int, dict]]:
+def read_csv_rows(path: Path, columns: list[str], hint: str = CONFIG_HINT) -> list[tuple[int, dict]]:
     """(line, {column: value}) per row. A row with fewer or more fields than the header is an error: with
     too few, csv.DictReader's None would shift meaning (a 1-field row `sports` became a class of its own);
     with too many, the tail of an unquoted text would be dropped. Extra fields that are all empty are fine."""
     records = _csv_records(path, _read_text(path))
     _, header = next(records, (0, []))
-    _check_columns(path, columns, header)
+    _check_columns(path, columns, header, hint)
     rows = []
     for line, fields in records:
         extra = fields[len(header):]
@@ -232,7 +235,7 @@ def _read_csv(path: Path, columns: list[str]) -> list[tuple[int, dict]]:
     return rows
 
 
-def _read_jsonl(path: Path, columns: list[str]) -> list[tuple[int, dict]]:
+def read_jsonl_rows(path: Path, columns: list[str], hint: str = CONFIG_HINT) -> list[tuple[int, dict]]:
     """(line, object) per non-blank line; every object must have every column (JSON null is allowed)."""
     rows = []
     for n, line in enumerate(io.StringIO(_read_text(path), newline=None), start=1):
@@ -245,7 +248,7 @@ def _read_jsonl(path: Path, columns: list[str]) -> list[tuple[int, dict]]:
         if not isinstance(row, dict):
             raise UserError(f"{path}: line {n} is not a JSON object")
         if not rows:
-            _check_columns(path, columns, list(row))
+            _check_columns(path, columns, list(row), hint)
         missing = [c for c in columns if c not in row]
         if missing:
             raise UserError(f"{path}: line {n}: missing {missing[0]!r} (keys: {', '.join(row) or 'none'}); "
@@ -260,11 +263,10 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def _check_columns(path, wanted: list[str], present: list[str]) -> None:
+def _check_columns(path, wanted: list[str], present: list[str], hint: str = CONFIG_HINT) -> None:
     for col in wanted:
         if col not in present:
-            raise UserError(f"{path}: no column {col!r} (columns: {', '.join(present) or 'none'}); "
-                            "set data.text_columns / data.label_column")
+            raise UserError(f"{path}: no column {col!r} (columns: {', '.join(present) or 'none'}); {hint}")
 
 
 def _missing(v) -> bool:

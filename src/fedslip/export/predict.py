@@ -11,7 +11,6 @@ written; `--out` is written to a temporary file and renamed, so it is never half
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import tempfile
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from fedslip.data.batching import Encoded
+from fedslip.data.sources import read_csv_rows, read_jsonl_rows
 from fedslip.errors import UserError
 from fedslip.export.peft_folder import META, quiet_peft
 from fedslip.model.backbone import load_backbone
@@ -75,49 +75,12 @@ def is_jsonl(path: Path) -> bool:
 
 
 def read_texts(path: Path, columns: list[str]) -> list[str]:
-    """One text per CSV row or JSON Lines record (by the file's suffix): the `columns` joined by a space."""
+    """One text per CSV row or JSON Lines record (by the file's suffix), read as a run reads its data
+    files: the `columns` joined by a space."""
     if not path.is_file():
         raise UserError(f"{path}: file not found")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8; re-save the file as UTF-8") from None
-    texts = _jsonl_texts(path, text, columns) if is_jsonl(path) else _csv_texts(path, text, columns)
-    if not texts:
-        raise UserError(f"{path}: no data rows")
-    return texts
-
-
-def _jsonl_texts(path: Path, text: str, columns: list[str]) -> list[str]:
-    texts = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: line {n}: not JSON ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise UserError(f"{path}: line {n}: expected an object with the field(s) {', '.join(columns)}")
-        missing = [c for c in columns if c not in record]
-        if missing:
-            raise UserError(f"{path}: line {n}: no field {missing[0]!r} (fields: {', '.join(record) or 'none'}); "
-                            "pass --text-columns")
-        texts.append(" ".join(str(record[c] or "") for c in columns))
-    return texts
-
-
-def _csv_texts(path: Path, text: str, columns: list[str]) -> list[str]:
-    try:
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        header = reader.fieldnames or []
-        missing = [c for c in columns if c not in header]
-        if missing:
-            raise UserError(f"{path}: no column {missing[0]!r} (columns: {', '.join(header) or 'none'}); "
-                            "pass --text-columns")
-        return [" ".join(row[c] or "" for c in columns) for row in reader]
-    except csv.Error as e:
-        raise UserError(f"{path}: line {reader.line_num}: {e}; check the quoting") from None
+    read = read_jsonl_rows if is_jsonl(path) else read_csv_rows
+    return [" ".join(str(row[c] or "") for c in columns) for _, row in read(path, columns, "pass --text-columns")]
 
 
 def write_predictions(out: Path, texts: list[str], probs: np.ndarray, names: list[str]) -> None:
