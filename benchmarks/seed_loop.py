@@ -2,7 +2,7 @@
 
     python benchmarks/seed_loop.py [--data-dir ../shared/data/ag_news]
 
-Seed style: a PEFT LoRA model (r 8, α 16, q/v, the classifier in modules_to_save), a deep copy of the whole
+Seed style: the stock transformers model, a PEFT LoRA model (r 8, α 16, q/v, the classifier in modules_to_save), a deep copy of the whole
 model per client, fp32, a shuffling DataLoader padding each batch to its longest example, AdamW, then the
 average of the PEFT state dicts. Engine: `fedslip`'s FedAvg round (one frozen backbone, tensors swapped
 per client, length-bucketed batches, the precision `train.precision = auto` picks). Both: the quick
@@ -21,6 +21,7 @@ import torch
 from fedslip.config import load_config
 from fedslip.federation.inprocess import Simulation
 from fedslip.methods import method_for
+from fedslip.model.backbone import load_backbone
 from fedslip.prepare import prepare
 
 
@@ -29,7 +30,9 @@ def seed_round(prep, cfg) -> float:
     from torch.utils.data import DataLoader
     from transformers import DataCollatorWithPadding
 
-    base = copy.deepcopy(prep.backbone.model).float()
+    # the stock model, as the notebooks loaded it (the engine's own backbone has its dropout and attention
+    # swapped for faster ones by now)
+    base = load_backbone(cfg.model.backbone, prep.backbone.model.config.num_labels, cfg.train.seed, cfg.model.backbone_dropout).model
     for p in base.parameters():
         p.requires_grad_(True)
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"],
@@ -67,7 +70,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data-dir", default=os.environ.get("FEDSLIP_DATA_DIR", "../shared/data/ag_news"))
     args = ap.parse_args()
-    sets = [f'data.data_dir="{args.data_dir}"', "train.rounds=1", "method.kstep=false"]
+    # one epoch on both sides: the quick preset itself trains a fixed number of steps (train.local_steps)
+    sets = [f'data.data_dir="{args.data_dir}"', "train.rounds=1", "method.kstep=false", "train.local_steps=none",
+            "train.local_epochs=1"]
     cfg = load_config(None, "quick", "fedavg", sets)
     prep = prepare(cfg)
     engine = engine_round(prep, cfg)
