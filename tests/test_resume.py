@@ -111,7 +111,7 @@ def test_resume_refuses_another_config_a_missing_or_a_corrupt_checkpoint(tmp_pat
     code, err = fedslip(out, ["run", "--method", "fedavg"], extra=["train.lr=0.5"], resume=True, capsys=capsys)
     assert code == 2 and "train.lr" in err
     code, err = fedslip(tmp_path / "empty", ["run", "--method", "fedavg"], resume=True, capsys=capsys)
-    assert code == 2 and "no checkpoint" in err
+    assert code == 2 and "no checkpoint" in err and "leave out --resume" in err
     path = path_for(out, "fedavg")
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     code, err = fedslip(out, ["run", "--method", "fedavg"], resume=True, capsys=capsys)

@@ -63,4 +63,5 @@ def check_out(args, out: Path, folders: list[Path] | None = None) -> None:
         raise UserError(f"{out} holds the checkpoint of an earlier run ({', '.join(p.stem for p in found)}): "
                         "add --resume to go on with it, or choose another --out")
     if args.resume and not found:
-        raise UserError(f"--resume: {out} holds no checkpoint ({out}/{checkpoint.STATE_DIR}/ is missing)")
+        raise UserError(f"--resume: {out} holds no checkpoint ({out}/{checkpoint.STATE_DIR}/ is missing); "
+                        "leave out --resume to start it")
