@@ -100,3 +100,29 @@ def flower_run(tmp, method, prep, sections, before_round=None, run_id=11, n_node
         mp.setattr(FlowerServer, "__init__", init)
         server_app(grid, Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=rc))
     return servers[0], grid, out
+
+
+def both_runtimes(name: str, prep, sections: dict, run_id: int):
+    """The same tiny run in process and on Flower (4 LocalGrid nodes, no state folders).
+
+    Returns (the in-process Simulation, its result and ledger, the Flower server, its grid, Flower's result
+    and ledger)."""
+    from fedslip.federation.flower.app import client_app
+    from fedslip.federation.flower.local_grid import LocalGrid
+    from fedslip.federation.flower.runtime import config_from_run, runtime_for
+    from fedslip.federation.flower.server import FlowerServer
+    from fedslip.federation.inprocess import Simulation
+    from fedslip.methods import METHODS
+
+    from conftest import tiny_config
+
+    cfg = tiny_config(name, **sections)
+    sim = Simulation(dataclasses.replace(prep, cfg=cfg), METHODS[name](cfg))
+    result, ledger = sim.run()
+    rc = run_config(name, **sections)
+    fcfg = config_from_run(rc)
+    runtime_for(fcfg, dataclasses.replace(prep, cfg=fcfg))
+    grid = LocalGrid(client_app, [{"partition-id": k, "num-partitions": 4} for k in range(4)], rc, run_id=run_id)
+    server = FlowerServer(grid, fcfg, rc)
+    fl_result, fl_ledger = server.run()
+    return sim, result, ledger, server, grid, fl_result, fl_ledger

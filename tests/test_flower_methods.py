@@ -4,38 +4,20 @@ byte ledger and the same accuracies."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
-from flower_util import assert_same_state, ledger_rows, run_config
+from flower_util import assert_same_state, both_runtimes, ledger_rows
 
-from fedslip.federation.flower.app import client_app
-from fedslip.federation.flower.runtime import config_from_run, runtime_for
-from fedslip.federation.flower.server import FlowerServer
-from fedslip.federation.flower.local_grid import LocalGrid
 from fedslip.federation.flower.records import state_from_context
-from fedslip.federation.inprocess import Simulation
 from fedslip.methods import METHODS
-
-from conftest import tiny_config
 
 ONE_ROUND = {"train": {"rounds": 1}}
 
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_method_runs_the_same_on_flower(name, tiny_prep):
-    cfg = tiny_config(name, **ONE_ROUND)
-    sim = Simulation(dataclasses.replace(tiny_prep, cfg=cfg), METHODS[name](cfg))
-    result, ledger = sim.run()
-
-    rc = run_config(name, **ONE_ROUND)
-    fcfg = config_from_run(rc)
-    runtime_for(fcfg, dataclasses.replace(tiny_prep, cfg=fcfg))
-    grid = LocalGrid(client_app, [{"partition-id": k, "num-partitions": 4} for k in range(4)], rc, run_id=41)
-    server = FlowerServer(grid, fcfg, rc)
-    fl_result, fl_ledger = server.run()
+    sim, result, ledger, server, grid, fl_result, fl_ledger = both_runtimes(name, tiny_prep, ONE_ROUND, run_id=41)
 
     assert server.failures == []
     assert_same_state(server.glob, sim.glob)

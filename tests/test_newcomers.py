@@ -213,25 +213,12 @@ def test_bad_holdout_is_one_line_exit_2(tmp_path, capsys, count):
 @pytest.mark.parametrize("name", ["fedavg", "fedslip"])
 def test_flower_newcomers_join_like_in_process(name, tiny_prep):
     pytest.importorskip("flwr", reason="the Flower runtime needs the `flower` extra")
-    import dataclasses
+    from flower_util import both_runtimes, ledger_rows
 
-    from flower_util import ledger_rows, run_config
-
-    from fedslip.federation.flower.app import client_app
-    from fedslip.federation.flower.local_grid import LocalGrid
     from fedslip.federation.flower.records import state_from_context
-    from fedslip.federation.flower.runtime import config_from_run, runtime_for
-    from fedslip.federation.flower.server import FlowerServer
 
     sections = {"partition": {"holdout_clients": 1}, "train": {"rounds": 1}, "method": {"warmup_rounds": 0}}
-    cfg = tiny_config(name, **sections)
-    result, ledger = Simulation(dataclasses.replace(tiny_prep, cfg=cfg), METHODS[name](cfg)).run()
-    rc = run_config(name, **sections)
-    fcfg = config_from_run(rc)
-    runtime_for(fcfg, dataclasses.replace(tiny_prep, cfg=fcfg))
-    grid = LocalGrid(client_app, [{"partition-id": k, "num-partitions": 4} for k in range(4)], rc, run_id=43)
-    server = FlowerServer(grid, fcfg, rc)
-    fl_result, fl_ledger = server.run()
+    _, result, ledger, server, grid, fl_result, fl_ledger = both_runtimes(name, tiny_prep, sections, run_id=43)
     assert server.failures == []
     assert ledger_rows(fl_ledger) == ledger_rows(ledger) and [e.note for e in fl_ledger.entries][-1] == "join"
     states = {int(c.node_config["partition-id"]): state_from_context(c) for c in grid.contexts.values()}
