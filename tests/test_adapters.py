@@ -167,7 +167,8 @@ def test_a_fresh_model_evaluates_without_dropout(tiny_prep):
 
 def test_cheap_dropout_levels_are_uniform_at_every_position():
     """The 15-bit levels are sliced four to a 63-bit draw: each of the four positions (including the
-    draw's top slice, whose sign bit is always 0) must be uniform, so the drop rate is p everywhere."""
+    draw's top slice, whose sign bit is always 0) must be uniform, so the drop rate is p everywhere; and
+    torch's seeded stream decides the draws."""
     from fedslip.model.cheap_dropout import LEVELS, kept_mask, random_levels
 
     torch.manual_seed(0)
@@ -180,3 +181,7 @@ def test_cheap_dropout_levels_are_uniform_at_every_position():
         assert abs(float((column < 0.25).float().mean()) - 0.25) < 0.005
     kept, scale = kept_mask(torch.ones(301, 299), 0.1)
     assert abs(float(kept.float().mean()) - 0.9) < 0.005 and abs(scale - 1 / 0.9) < 1e-4
+    torch.manual_seed(5)
+    first, second = random_levels(1000, torch.device("cpu")), random_levels(1000, torch.device("cpu"))
+    torch.manual_seed(5)
+    assert torch.equal(random_levels(1000, torch.device("cpu")), first) and not torch.equal(first, second)
