@@ -1,4 +1,5 @@
-"""FedSLIP+ candidates: a private head per client, and masks from trained magnitudes after a dense warmup."""
+"""FedSLIP+ candidates: a private head per client, masks from trained magnitudes after a dense warmup (with or
+without rewinding), a cosine schedule for the private learning rate."""
 
 from __future__ import annotations
 
@@ -109,3 +110,55 @@ def test_fedslip_plus_global_model_is_fedavgs_exactly(tiny_prep):
     assert sim.clients[0].optim["private"]["state"][0]["step"].item() > 0  # private steps did run
     assert fedavg.keys() == plus.keys()
     assert all(torch.equal(fedavg[k], plus[k]) for k in fedavg)
+
+
+def test_rewind_restarts_the_kept_private_weights_from_their_initial_values(tiny_prep):
+    sim = simulate(tiny_prep, 3, private_warmup="dense", warmup_rounds=2, sparsity=0.75, private_rewind=True)
+    state = sim.clients[1]
+    init = {n: state.tensors[n].clone() for n in sim.model.private_names}
+    sim.run_round(1)
+    assert "private" in state.optim and not torch.equal(state.tensors[sim.model.private_names[0]],
+                                                        init[sim.model.private_names[0]])
+    sim.run_round(2)  # the warmup ends: prune by trained magnitude, then rewind
+    for n in sim.model.private_names:
+        assert torch.equal(state.tensors[n], init[n])
+    a_masks = [state.tensors[f"{n}_mask"] for n in sim.model.private_names if n.endswith("_A")]
+    assert all(int(m.sum()) == round(0.25 * m.numel()) for m in a_masks)
+    # the masks came from the trained values, not from the initial ones they were rewound to
+    fresh = sim.method.masks(sim.model, init, 1)
+    assert any(not torch.equal(state.tensors[k], fresh[k]) for k in fresh if k.endswith("_A_mask"))
+    assert "private" not in state.optim  # the trained values' AdamW moments are gone
+    sim.run_round(3)
+    assert not torch.equal(state.tensors[sim.model.private_names[0]], init[sim.model.private_names[0]])
+
+
+def test_private_cosine_schedule_decays_over_the_private_rounds(tiny_prep, monkeypatch):
+    import fedslip.methods.fedslip as module
+
+    lrs, real = [], module.adamw
+
+    def spy(params, lr, weight_decay, state=None):
+        lrs.append(lr)
+        return real(params, lr, weight_decay, state)
+
+    monkeypatch.setattr(module, "adamw", spy)
+    sim = simulate(tiny_prep, 3, warmup_rounds=1, private_lr_schedule="cosine", private_lr_scale=0.5)
+    lr = sim.method.t.lr
+    sim.run_round(1)  # warmup: no private steps
+    for rnd, expected in ((2, 0.5 * lr), (3, 0.5 * lr * 0.5)):  # two private rounds: cos 0, then cos π/2
+        lrs.clear()
+        sim.run_round(rnd)
+        private = lrs[1::2]  # each client builds the global optimizer, then the private one
+        assert len(private) == 4 and all(abs(p - expected) < 1e-12 for p in private), (rnd, private)
+
+
+def test_rewind_without_a_dense_warmup_is_a_config_error():
+    import pytest
+
+    from fedslip.config import load_config
+    from fedslip.errors import UserError
+
+    with pytest.raises(UserError, match="private_rewind"):
+        load_config(None, "quick", "fedslip", ["method.private_rewind=true"])
+    with pytest.raises(UserError, match="private_lr_schedule"):
+        load_config(None, "quick", "fedslip", ['method.private_lr_schedule="step"'])

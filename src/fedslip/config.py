@@ -106,6 +106,8 @@ class MethodConfig:
     # FedSLIP+ candidates (issue 12)
     private_head: bool = False  # each client trains its own head copy in the private step, for its personal model
     private_warmup: str = "masked"  # masked: no private steps in warmup | dense: train unmasked, prune at its end
+    private_rewind: bool = False  # after a dense warmup's pruning, restart the kept weights from their init (a lottery ticket)
+    private_lr_schedule: str = "train"  # train: the private lr follows train.lr_schedule | cosine: decays over the private rounds
     private_base: str = "local"  # local: private steps on the global track as it trains | received: as it arrived
     strategy: str = "method"  # server aggregation: "method" (its own) or a Flower strategy, e.g. "fedmedian"
     # related methods (see README's method table)
@@ -385,5 +387,10 @@ def validate(cfg: Config) -> None:
          f"method.private_step_global = {m.private_step_global!r}: expected constant or live")
     need(m.private_base in ("local", "received"), f"method.private_base = {m.private_base!r}: expected local or received")
     need(m.private_warmup in ("masked", "dense"), f"method.private_warmup = {m.private_warmup!r}: expected masked or dense")
+    need(not m.private_rewind or (m.private_warmup == "dense" and m.warmup_rounds > 0),
+         "method.private_rewind = true rewinds after a dense warmup: it needs method.private_warmup = \"dense\" "
+         "and method.warmup_rounds >= 1")
+    need(m.private_lr_schedule in ("train", "cosine"),
+         f"method.private_lr_schedule = {m.private_lr_schedule!r}: expected train or cosine")
     need(m.head in (None, "shared", "local", "frozen"),
          f"method.head = {m.head!r}: expected shared, local or frozen")

@@ -18,6 +18,11 @@ def torch_gen(seed: int, tag: str, *keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(derive(seed, tag, *keys))
 
 
+def client_gen(seed: int, cid: int) -> torch.Generator:
+    """The generator a client's fresh state is drawn from."""
+    return torch_gen(seed, "client", cid)
+
+
 def numpy_gen(seed: int, tag: str, *keys: int) -> np.random.Generator:
     return np.random.default_rng(derive(seed, tag, *keys))
 

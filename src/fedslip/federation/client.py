@@ -15,7 +15,7 @@ from fedslip.federation.exchange import TRAIN, Answer, EvalAsk, Payload, Request
 from fedslip.methods.base import ClientData, ClientState, Method
 from fedslip.model.adapted import AdaptedModel
 from fedslip.prepare import Prepared
-from fedslip.seeding import derive, numpy_gen, torch_gen
+from fedslip.seeding import client_gen, derive, numpy_gen
 
 
 class ClientSide:
@@ -24,7 +24,7 @@ class ClientSide:
         self.seed = cfg.train.seed
 
     def fresh_state(self, cid: int) -> ClientState:
-        return self.method.init_client(self.model, cid, torch_gen(self.seed, "client", cid))
+        return self.method.init_client(self.model, cid, client_gen(self.seed, cid))
 
     def data(self, cid: int, rnd: int) -> ClientData:
         return ClientData(cid, self.prep.train, self.prep.split.train[cid], self.cfg.train.batch_size,

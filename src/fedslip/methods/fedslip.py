@@ -19,11 +19,14 @@ the global step, averaged and sent with it). The reference kept FedSLIP's head f
 Options beyond the reference (docs/fedslip-plus.md): `method.private_base = "received"` runs the private
 steps on the global track as received (what the synced personal view adds them to); `method.private_head`
 gives each client its own head, trained in the private step, for its personal model; `method.private_warmup
-= "dense"` trains the private track unmasked during warmup, then keeps the top share by trained magnitude.
+= "dense"` trains the private track unmasked during warmup, then keeps the top share by trained magnitude
+(`method.private_rewind` then restarts the kept weights from their init); `method.private_lr_schedule =
+"cosine"` decays the private learning rate over the rounds that take private steps.
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 
 import torch
@@ -31,7 +34,7 @@ import torch
 from fedslip.methods.base import ClientData, ClientState, Method, adamw, mean, sgd_step, training
 from fedslip.methods.newcomer import private_join
 from fedslip.model.adapted import AdaptedModel
-from fedslip.seeding import SideStream, derive, torch_gen
+from fedslip.seeding import SideStream, client_gen, derive, torch_gen
 
 
 OWN = "own."  # client.tensors prefix of a private head
@@ -80,10 +83,29 @@ class DualTrack(Method):
         return model.masks_for(private, self.m.sparsity, mask_generator(self.t.seed, cid), self.m.mask_ties)
 
     def refresh_masks(self, model: AdaptedModel, client: ClientState, cid: int, rnd: int) -> None:
-        """During warmup, masks follow the private weights' magnitudes; a dense warmup prunes once, at its end."""
+        """During warmup, masks follow the private weights' magnitudes; a dense warmup prunes once, at its end,
+        and with `private_rewind` the kept weights then start again from their initial values (their AdamW
+        moments, which belong to the trained values, are dropped)."""
         if rnd <= self.m.warmup_rounds:
             private = model.read(model.private_names)
             client.tensors.update(self.masks(model, private, cid, dense=self.dense_warmup() and rnd < self.m.warmup_rounds))
+            if self.m.private_rewind and rnd == self.m.warmup_rounds:
+                client.tensors.update(self.initial_private(model, cid))
+                client.optim.pop("private", None)
+
+    def initial_private(self, model: AdaptedModel, cid: int):
+        """The private track's values as `init_client` drew them (from the client's generator, which nothing
+        draws from before them)."""
+        return model.init_track("p", client_gen(self.t.seed, cid))
+
+    def private_lr(self, rnd: int) -> float:
+        """The private step's learning rate: `private_lr_scale` of the round's rate, or with
+        `private_lr_schedule = "cosine"` that scale of `train.lr` decayed over the rounds that take private steps."""
+        if self.m.private_lr_schedule == "cosine":
+            first = 1 if self.dense_warmup() else self.m.warmup_rounds + 1
+            span = max(1, self.rounds() - first + 1)
+            return self.t.lr * self.m.private_lr_scale * 0.5 * (1 + math.cos(math.pi * (rnd - first) / span))
+        return self.lr(rnd) * self.m.private_lr_scale
 
     # --- the private head: stored as "own.<head tensor>", loaded in place of the shared head ----------------
     def client_view(self, model: AdaptedModel, down, client: ClientState):
@@ -121,7 +143,7 @@ class FedSLIP(DualTrack):
         p_names = model.private_names + (model.head_names if self.m.private_head else [])
         opt_g = adamw(model.params(g_names), self.lr(rnd), self.t.weight_decay)
         kept = client.optim.get("private") if self.m.private_optimizer == "persist" else None
-        opt_p = adamw(model.params(p_names), self.lr(rnd) * self.m.private_lr_scale, self.t.weight_decay, kept)
+        opt_p = adamw(model.params(p_names), self.private_lr(rnd), self.t.weight_decay, kept)
         anchor = model.snapshot(self.shared_names(model))
         swap = self.private_step_values(model, client, anchor)
         private_on = rnd > self.m.warmup_rounds or self.dense_warmup()
