@@ -97,6 +97,10 @@ def test_compare_resumes_without_rerunning_finished_methods(tmp_path, monkeypatc
     assert killed.returncode == -signal.SIGKILL
     finished = load(path_for(out, "fedavg"))[2]
     assert finished["finished"] and not load(path_for(out, "fedslip"))[2]["finished"]
+    # the outputs were written when fedavg finished, before fedslip was killed: fedavg's row, as in the whole run
+    rows = [{r["method"]: {k: v for k, v in r.items() if k != "wall_time_s"}
+             for r in csv.DictReader(io.StringIO((d / "comparison.csv").read_text()))} for d in (out, whole)]
+    assert list(rows[0]) == ["fedavg"] and rows[0]["fedavg"] == rows[1]["fedavg"]
     trained = []
     real = RoundProtocol.run_round
     monkeypatch.setattr(RoundProtocol, "run_round", lambda self, rnd: trained.append(self.method.name) or real(self, rnd))

@@ -85,10 +85,15 @@ def _compare(args, cfg, methods: list[str], out: Path, console, progress):
                   f"{len(prep.split.train)} clients, training on {[len(s) for s in prep.split.train]} examples")
     console.print(f"device: {describe_placement(prep.backbone.placement.info)}")
     paths = resumable(out, prep, methods)
-    runs = [Simulation(prep, method_for(replace(cfg, method=replace(cfg.method, name=name))), progress).run(
-        paths[name], args.resume) for name in methods]
-    write_outputs(out, prep, runs, time.perf_counter() - start)
-    console.print(f"wrote {out}/: results.json rounds.csv clients.csv ledger.csv comparison.md comparison.csv figure.png")
+    runs = []
+    for name in methods:  # the outputs after each method: a long comparison shows what is done as it goes
+        method = method_for(replace(cfg, method=replace(cfg.method, name=name)))
+        runs.append(Simulation(prep, method, progress).run(paths[name], args.resume))
+        write_outputs(out, prep, runs, time.perf_counter() - start)
+        to_come = methods[len(runs):]
+        console.print(f"wrote {out}/: results.json rounds.csv clients.csv ledger.csv comparison.md comparison.csv "
+                      f"figure.png ({', '.join(r.method for r, _ in runs)}"
+                      + (f"; to come: {', '.join(to_come)})" if to_come else ")"))
     return [r for r, _ in runs]
 
 
