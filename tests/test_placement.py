@@ -105,6 +105,26 @@ def test_one_stalled_timing_does_not_decide_the_precision(monkeypatch):
     assert got == {"fp32_gflops": 105.0, "bf16_gflops": 410.0, "bf16_speedup": 3.9}
 
 
+def test_emulated_bf16_ends_the_probe_after_two_clear_losses(monkeypatch):
+    """On a CPU without native bf16 each bf16 timing costs seconds: two at under half the fp32 rate decide."""
+    calls = []
+    timings = iter([100.0, 1.2, 104.0, 1.3, 99.0, 1.1])
+    monkeypatch.setattr(placement_module, "matmul_rate",
+                        lambda device, dtype, seconds: calls.append(dtype) or next(timings))
+    monkeypatch.setattr(placement_module, "_PROBES", {})
+    got = placement_module.probe(torch.device("cpu"))
+    assert calls == [torch.float32, torch.bfloat16] * 2
+    assert got == {"fp32_gflops": 104.0, "bf16_gflops": 1.3, "bf16_speedup": 0.01}
+
+
+def test_one_stalled_bf16_timing_does_not_end_the_probe(monkeypatch):
+    timings = iter([100.0, 1.0, 100.0, 390.0, 101.0, 400.0])  # the first bf16 timing stalled
+    monkeypatch.setattr(placement_module, "matmul_rate", lambda device, dtype, seconds: next(timings))
+    monkeypatch.setattr(placement_module, "_PROBES", {})
+    assert placement_module.probe(torch.device("cpu"))["bf16_gflops"] == 400.0
+    assert resolve("cpu", "auto").dtype == torch.bfloat16
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_cuda_without_cuda_is_one_clear_error():
     with pytest.raises(UserError, match="no CUDA device"):

@@ -47,10 +47,21 @@ def resolve_device(setting: str) -> torch.device:
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, m: int = 1792, k: int = 384, n: int = 1536,
                 seconds: float = 0.25) -> float:
-    """GFLOP/s of (m×k)@(k×n) in `dtype` on `device`: MiniLM's feed-forward shape at 32 × 56 tokens."""
+    """GFLOP/s of (m×k)@(k×n) in `dtype` on `device`: MiniLM's feed-forward shape at 32 × 56 tokens.
+
+    Where one call already takes longer than `seconds` (bf16 emulated on a CPU: over a second here), that
+    call is the measurement: repeating it would only make the run start later."""
     a = torch.randn(m, k, device=device).to(dtype)
     b = torch.randn(k, n, device=device).to(dtype)
-    for _ in range(3):
+    flop = 2.0 * m * k * n
+    _sync(device)
+    start = time.perf_counter()
+    a @ b
+    _sync(device)
+    first = time.perf_counter() - start
+    if first >= seconds:
+        return flop / first / 1e9
+    for _ in range(2):
         a @ b
     _sync(device)
     reps, start = 0, time.perf_counter()
@@ -58,7 +69,7 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, m: int = 1792, k: int 
         a @ b
         reps += 1
     _sync(device)
-    return 2.0 * m * k * n * reps / (time.perf_counter() - start) / 1e9
+    return flop * reps / (time.perf_counter() - start) / 1e9
 
 
 def _sync(device: torch.device) -> None:
@@ -67,15 +78,22 @@ def _sync(device: torch.device) -> None:
 
 
 def probe(device: torch.device) -> dict:
-    """fp32 and bf16 matmul rates on `device`, measured once per process."""
+    """fp32 and bf16 matmul rates on `device`, measured once per process.
+
+    Alternating short timings, the best of three of each: a pause or a burst of other work during one of
+    them (a shared machine) must not decide the precision of the whole run. Two bf16 timings in a row at
+    under half the fp32 rate end it early: that is emulated bf16, and a third would cost seconds for nothing."""
     key = str(device)
     if key not in _PROBES:
-        # alternating short timings, the best of each: a pause or a burst of other work during one of them
-        # (a shared machine) must not decide the precision of the whole run
         fp32 = bf16 = 0.0
+        clear_losses = 0
         for _ in range(3):
             fp32 = max(fp32, matmul_rate(device, torch.float32, seconds=0.08))
-            bf16 = max(bf16, matmul_rate(device, torch.bfloat16, seconds=0.08))
+            timed = matmul_rate(device, torch.bfloat16, seconds=0.08)
+            bf16 = max(bf16, timed)
+            clear_losses = clear_losses + 1 if timed < fp32 / 2 else 0
+            if clear_losses == 2:
+                break
         _PROBES[key] = {"fp32_gflops": round(fp32, 1), "bf16_gflops": round(bf16, 1),
                         "bf16_speedup": round(bf16 / fp32, 2)}
     return _PROBES[key]
