@@ -1,7 +1,7 @@
 """Where the frozen backbone runs and in which precision: `train.device` and `train.precision`.
 
 bf16 pays only where the hardware does it natively: on CUDA (bf16-capable GPUs) and on CPUs with
-native bf16 matmuls (e.g. AVX512-BF16); on other CPUs bf16 emulation is several times slower than fp32.
+native bf16 matmuls (e.g. AVX512-BF16); on other CPUs bf16 emulation is 3 to 100 times slower than fp32.
 So `precision = "auto"` times a matmul of the backbone's shape in both precisions (alternating, best of
 three), once per process, and picks bf16 only where it is measurably faster. Only the frozen backbone is stored in bf16; adapters,
 heads and optimizer states stay fp32 masters.
