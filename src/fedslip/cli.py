@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2: each seed its own split (the same for "
                       "every method) in --out/seed-<s>/; the top-level table and figure show mean ± std")
     sub.add_parser("methods", help="list the available methods")
+    status = sub.add_parser("status", help="where a run stands (rounds, time left, latest accuracies), from its checkpoints")
+    status.add_argument("run_dir", metavar="RUN_DIR", help="a run's --out folder (a comparison's, or a multi-seed one)")
     split = sub.add_parser("split", help="write each client's files of the split (for nodes that read only their own)")
     add_common(split)
     from fedslip.flower_cli import add_commands
@@ -191,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "split":
             return _split(args)
+        if args.command == "status":
+            from fedslip.run_status import report
+
+            print(report(Path(args.run_dir)))
+            return 0
         if args.command == "run":
             # --method, else the config's method.name (a --config file may set it), else fedslip
             methods = method_list(args.method or config_from_args(args, None).method.name)

@@ -1,0 +1,70 @@
+"""`fedslip status RUN_DIR`: where a run stands, read from its checkpoints alone.
+
+A paper-protocol run takes hours and goes on across restarts (`--resume`); its log may be a file nobody
+watches. The checkpoints already hold every round's records and the wall time, so this loads no data and
+no model: it answers in seconds while the run goes on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedslip.errors import UserError
+from fedslip.federation import checkpoint
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    """The checkpoints of a run, a comparison or a multi-seed folder (`seed-<s>/`)."""
+    found = checkpoint.existing(folder)
+    for seed_dir in sorted(folder.glob("seed-*")):
+        found += checkpoint.existing(seed_dir)
+    return found
+
+
+def _mean(values: list[float] | None) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def describe(path: Path) -> dict:
+    meta = checkpoint.read_meta(path)
+    cfg = meta["fingerprint"]["config"]
+    rounds = meta["rounds"]
+    done, total = len(rounds), cfg["train"]["rounds"]
+    evaluated = [r for r in rounds if r.get("evaluated")]
+    last = evaluated[-1] if evaluated else {}
+    wall = float(meta.get("wall_time_s", 0.0))
+    return {
+        "method": cfg["method"]["name"], "seed": cfg["train"]["seed"], "done": done, "total": total,
+        "finished": bool(meta.get("finished")), "wall_s": wall,
+        "left_s": None if meta.get("finished") or done == 0 else wall / done * (total - done),
+        "precision": f"{meta['fingerprint']['device']}, {meta['fingerprint']['precision']}",
+        "eval_round": last.get("round"), "global": last.get("global_acc"),
+        "client": _mean(last.get("client_acc")), "synced": _mean(last.get("personal_acc")),
+        "persistent": _mean(last.get("persistent_acc")),
+    }
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}"
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
+def report(folder: Path) -> str:
+    paths = checkpoints(folder)
+    if not paths:
+        raise UserError(f"{folder}: no checkpoint here (state/<method>.safetensors); it is not a run's --out "
+                        "folder, or its first round has not finished")
+    rows = [describe(p) for p in paths]
+    header = ("| method | seed | rounds | state | wall | left, at the mean pace so far | device | evaluated round "
+              "| global | client, global model | personal, synced | personal, persistent |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in rows:
+        state = "finished" if r["finished"] else "unfinished"
+        left = "—" if r["left_s"] is None else "≈ " + _hours(r["left_s"])
+        lines.append(f"| {r['method']} | {r['seed']} | {r['done']}/{r['total']} | {state} | {_hours(r['wall_s'])} "
+                     f"| {left} | {r['precision']} | {r['eval_round'] or '—'} | {_pct(r['global'])} "
+                     f"| {_pct(r['client'])} | {_pct(r['synced'])} | {_pct(r['persistent'])} |")
+    return "\n".join(lines)

@@ -1,0 +1,68 @@
+"""`fedslip status`: rounds, time left and the latest accuracies, read from checkpoints alone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from fedslip.cli import main
+
+from test_cli import sets
+
+
+def rows(text: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()[2:]]
+
+
+def rewrite(path, changes) -> None:
+    """The checkpoint at `path` with its JSON part updated by `changes(meta)` (its tensors as they were)."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["fedslip"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta.update(changes(meta))
+    save_file(tensors, str(path), metadata={"fedslip": json.dumps(meta)})
+
+
+def test_status_reads_rounds_time_and_the_last_evaluated_round(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--method", "fedavg", "--quiet", "--out", str(out), *sets()]) == 0
+    capsys.readouterr()
+    done = out / "state" / "fedavg.safetensors"
+    seed_dir = out / "seed-7" / "state"  # a multi-seed folder's checkpoints are found too
+    seed_dir.mkdir(parents=True)
+    shutil.copy(done, seed_dir / "fedavg.safetensors")
+
+    def known_accuracies(meta):
+        first, second = meta["rounds"]
+        first.update(evaluated=True, global_acc=0.25, client_acc=[0.1, 0.2, 0.3, 0.4])
+        second.update(evaluated=True, global_acc=0.75, client_acc=[0.5, 0.5, 0.6, 0.6],
+                      personal_acc=[0.9, 0.8, 0.7, 0.6], persistent_acc=None)
+        return {"rounds": [first, second], "wall_time_s": 7200.0}
+
+    rewrite(done, known_accuracies)
+    # the seed-7 copy: unfinished after its first round, as after a crash in round 2
+    rewrite(seed_dir / "fedavg.safetensors",
+            lambda meta: {"finished": False, "rounds": meta["rounds"][:1], "wall_time_s": 600.0})
+
+    assert main(["status", str(out)]) == 0
+    finished, unfinished = rows(capsys.readouterr().out)
+    assert finished[:4] == ["fedavg", "0", "2/2", "finished"] and finished[4:6] == ["2.0 h", "—"]
+    assert finished[7:] == ["2", "75.0", "55.0", "75.0", "—"]  # round 2's global, mean client, mean synced
+    assert unfinished[2:6] == ["1/2", "unfinished", "10 min", "≈ 10 min"]  # 600 s a round, one to go
+
+
+def test_status_of_a_folder_without_checkpoints_is_one_line(tmp_path, capsys):
+    assert main(["status", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("fedslip: error: ") and "no checkpoint" in err
+
+
+def test_status_of_a_corrupt_checkpoint_is_one_line(tmp_path, capsys):
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "fedslip.safetensors").write_bytes(b"\x00" * 100)
+    assert main(["status", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unreadable" in err
