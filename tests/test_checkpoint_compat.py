@@ -18,3 +18,26 @@ def test_a_key_new_since_the_checkpoint_is_no_difference_at_its_default():
     now["config"]["method"]["mask_ties"] = "random"
     saved["config"]["train"]["lr"] = 0.5
     assert differences(saved, now, defaults=defaults) == ["config.train.lr: 0.5 in the checkpoint, 0.0001 now"]
+
+
+def test_resuming_on_other_hardware_or_threads_warns_once(tiny_prep, tmp_path, capsys, monkeypatch):
+    import fedslip.federation.protocol as protocol
+    from fedslip.federation.inprocess import Simulation
+    from fedslip.methods import METHODS
+    from fedslip.model.placement import compute_kind
+
+    from conftest import tiny_config
+
+    cfg = tiny_config("fedavg", train={"rounds": 1})
+    path = tmp_path / "fedavg.safetensors"
+    first, _ = Simulation(tiny_prep, METHODS["fedavg"](cfg)).run(path)
+    again, _ = Simulation(tiny_prep, METHODS["fedavg"](cfg)).run(path, resume=True)
+    assert again.final == first.final and "warning" not in capsys.readouterr().err
+
+    here = compute_kind(tiny_prep.backbone.placement.device)
+    monkeypatch.setattr(protocol, "compute_kind", lambda device: {**here, "threads": here["threads"] + 1})
+    moved, _ = Simulation(tiny_prep, METHODS["fedavg"](cfg)).run(path, resume=True)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert moved.final == first.final
+    assert len(err) == 1 and err[0].startswith("fedslip: warning: ") and "not be bit-identical" in err[0]
+    assert f"threads {here['threads']} → {here['threads'] + 1}" in err[0]

@@ -40,6 +40,7 @@ from fedslip.federation.ledger import Ledger
 from fedslip.federation.payload import encode
 from fedslip.methods.base import Method, mean
 from fedslip.model.adapted import AdaptedModel
+from fedslip.model.placement import compute_kind
 from fedslip.prepare import Prepared
 from fedslip.progress import NullProgress
 from fedslip.seeding import numpy_gen, torch_gen
@@ -266,7 +267,7 @@ class RoundProtocol:
         meta = {"fingerprint": fingerprint(self.prep, self.method.name), "finished": finished,
                 "rounds": rounds_to_json(result.rounds), "ledger": ledger_to_json(self.ledger),
                 "pending": self.pending.round if self.pending else None, "kstep": self.kstep,
-                "wall_time_s": wall_time_s,
+                "wall_time_s": wall_time_s, "compute": compute_kind(self.prep.backbone.placement.device),
                 "transport": getattr(self.transport, "checkpoint_meta", dict)()}
         if finished:
             meta["result"] = {"clients": [asdict(c) for c in result.clients], "final": result.final}
@@ -281,6 +282,7 @@ class RoundProtocol:
         self.glob = glob
         if clients is not None and self.client_states() is not None:
             self.transport.states[:] = clients
+            self.warn_other_compute(path, meta.get("compute"))
         self.ledger = ledger_from_json(self.method.name, meta["ledger"])
         rounds = rounds_from_json(meta["rounds"])
         self.pending = next((r for r in rounds if r.round == meta["pending"]), None)
@@ -294,6 +296,16 @@ class RoundProtocol:
             result = result_from_json({"method": self.method.name, "rounds": meta["rounds"],
                                        "wall_time_s": meta["wall_time_s"], **meta["result"]})
         return meta["finished"], result, meta["wall_time_s"]
+
+    def warn_other_compute(self, path: Path, saved: dict | None) -> None:
+        """Resuming on another CPU kind or thread count is allowed (a long run may move machines), but its
+        numbers then differ in the last bits from an uninterrupted run: say so once."""
+        now = compute_kind(self.prep.backbone.placement.device)
+        if saved is not None and saved != now:
+            changed = ", ".join(f"{k} {saved.get(k)!r} → {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+                                if saved.get(k) != now.get(k))
+            warn(f"{path} was written on other hardware or threads ({changed}): the run goes on, but its "
+                 "numbers will not be bit-identical to an uninterrupted run there")
 
     def crash(self, point: str) -> None:
         """Tests: FEDSLIP_CRASH="<method>:<round>:<point>" kills the process there, as a power cut would."""

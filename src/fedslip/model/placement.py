@@ -9,8 +9,10 @@ heads and optimizer states stay fp32 masters.
 
 from __future__ import annotations
 
+import platform
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -97,6 +99,27 @@ def probe(device: torch.device) -> dict:
         _PROBES[key] = {"fp32_gflops": round(fp32, 1), "bf16_gflops": round(bf16, 1),
                         "bf16_speedup": round(bf16 / fp32, 2)}
     return _PROBES[key]
+
+
+SIMD_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "asimd", "sve")  # what picks a CPU's float kernels
+
+
+def compute_kind(device: torch.device) -> dict:
+    """What besides the code decides a run's float sums: the kernels (CPU model and vector extensions, or GPU)
+    and the thread count. A run resumed under another kind goes on correctly but not bit for bit."""
+    if device.type == "cuda":
+        return {"gpu": torch.cuda.get_device_name(device)}
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"cpu": model, "simd": " ".join(f for f in SIMD_FLAGS if f in flags), "threads": torch.get_num_threads()}
 
 
 def resolve(device_setting: str, precision_setting: str) -> Placement:
