@@ -29,7 +29,7 @@ class NullProgress:
     def __exit__(self, *exc):
         return False
 
-    def task(self, description: str, total: int) -> NullTask:
+    def task(self, description: str, total: int, costs=None) -> NullTask:
         return NullTask()
 
 
@@ -67,23 +67,28 @@ class RichProgress:
     def __exit__(self, *exc):
         return self.progress.__exit__(*exc)
 
-    def task(self, description: str, total: int) -> RichTask:
+    def task(self, description: str, total: int, costs=None) -> RichTask:
         transient = "clients" in description
         task_id = self.progress.add_task(description, total=total, status="")
         return RichTask(self.progress, task_id, transient)
 
 
 class PlainTask:
-    def __init__(self, description: str, total: int, out):
+    """`costs`: each step's relative cost (a round's, `Method.round_cost`), so that the time left follows the
+    rounds still to come; steps advanced without a record (done before a resume) do not count as timed."""
+
+    def __init__(self, description: str, total: int, out, costs=None):
         self.description, self.total, self.out = description, total, out
-        self.done_n, self.start = 0, time.perf_counter()
+        self.costs = list(costs) if costs is not None else [1.0] * total
+        self.done_n, self.timed, self.start = 0, 0.0, time.perf_counter()
 
     def advance(self, record=None, evaluated=None) -> None:
         self.done_n += 1
         if record is None:
             return
+        self.timed += self.costs[self.done_n - 1]
         elapsed = time.perf_counter() - self.start
-        left = elapsed / self.done_n * (self.total - self.done_n)
+        left = elapsed / self.timed * sum(self.costs[self.done_n:])
         parts = [f"{self.description} {self.done_n}/{self.total}", f"loss {record.train_loss:.4f}"]
         if evaluated is not None:
             parts.append(scores(evaluated))
@@ -108,9 +113,9 @@ class PlainProgress:
     def __exit__(self, *exc):
         return False
 
-    def task(self, description: str, total: int):
+    def task(self, description: str, total: int, costs=None):
         return NullTask() if "clients" in description or "evaluation" in description else \
-            PlainTask(description.removesuffix(": rounds"), total, self.out)
+            PlainTask(description.removesuffix(": rounds"), total, self.out, costs)
 
 
 def _clock(seconds: float) -> str:

@@ -25,6 +25,12 @@ def _mean(values: list[float] | None) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def time_left(wall: float, done: int, costs: list[float]) -> float:
+    """At the pace so far, with each round weighted by its cost (`Method.round_cost`: FedSLIP's rounds with
+    private steps cost twice its warmup rounds)."""
+    return wall / sum(costs[:done]) * sum(costs[done:])
+
+
 def describe(path: Path) -> dict:
     meta = checkpoint.read_meta(path)
     cfg = meta["fingerprint"]["config"]
@@ -36,7 +42,7 @@ def describe(path: Path) -> dict:
     return {
         "method": cfg["method"]["name"], "seed": cfg["train"]["seed"], "done": done, "total": total,
         "finished": bool(meta.get("finished")), "wall_s": wall,
-        "left_s": None if meta.get("finished") or done == 0 else wall / done * (total - done),
+        "left_s": None if meta.get("finished") or done == 0 else time_left(wall, done, meta.get("round_costs") or [1.0] * total),
         "precision": f"{meta['fingerprint']['device']}, {meta['fingerprint']['precision']}",
         "eval_round": last.get("round"), "global": last.get("global_acc"),
         "client": _mean(last.get("client_acc")), "synced": _mean(last.get("personal_acc")),
@@ -58,7 +64,7 @@ def report(folder: Path) -> str:
         raise UserError(f"{folder}: no checkpoint here (state/<method>.safetensors); it is not a run's --out "
                         "folder, or its first round has not finished")
     rows = [describe(p) for p in paths]
-    header = ("| method | seed | rounds | state | wall | left, at the mean pace so far | device | evaluated round "
+    header = ("| method | seed | rounds | state | wall | left, at the pace so far | device | evaluated round "
               "| global | client, global model | personal, synced | personal, persistent |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:

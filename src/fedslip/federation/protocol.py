@@ -235,7 +235,7 @@ class RoundProtocol:
             finished, result, done_before = self.restore(checkpoint)
             if finished:
                 return result, self.ledger
-        bar = self.progress.task(f"{self.method.name}: rounds", rounds)
+        bar = self.progress.task(f"{self.method.name}: rounds", rounds, self.round_costs())
         for _ in result.rounds:
             bar.advance()
         shown = None
@@ -267,7 +267,7 @@ class RoundProtocol:
         meta = {"fingerprint": fingerprint(self.prep, self.method.name), "finished": finished,
                 "rounds": rounds_to_json(result.rounds), "ledger": ledger_to_json(self.ledger),
                 "pending": self.pending.round if self.pending else None, "kstep": self.kstep,
-                "wall_time_s": wall_time_s, "compute": compute_kind(self.prep.backbone.placement.device),
+                "wall_time_s": wall_time_s, "round_costs": self.round_costs(), "compute": compute_kind(self.prep.backbone.placement.device),
                 "transport": getattr(self.transport, "checkpoint_meta", dict)()}
         if finished:
             meta["result"] = {"clients": [asdict(c) for c in result.clients], "final": result.final}
@@ -296,6 +296,9 @@ class RoundProtocol:
             result = result_from_json({"method": self.method.name, "rounds": meta["rounds"],
                                        "wall_time_s": meta["wall_time_s"], **meta["result"]})
         return meta["finished"], result, meta["wall_time_s"]
+
+    def round_costs(self) -> list[float]:
+        return [self.method.round_cost(r) for r in range(1, self.method.rounds() + 1)]
 
     def warn_other_compute(self, path: Path, saved: dict | None) -> None:
         """Resuming on another CPU kind or thread count is allowed (a long run may move machines), but its

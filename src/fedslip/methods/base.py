@@ -110,6 +110,10 @@ class Method:
     def rounds(self) -> int:
         return self.t.rounds
 
+    def round_cost(self, rnd: int) -> float:
+        """Round `rnd`'s local training relative to one pass of local steps: for time estimates only."""
+        return 1.0
+
     def local_epochs(self) -> int:
         return self.t.local_epochs
 

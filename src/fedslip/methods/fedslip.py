@@ -146,7 +146,7 @@ class FedSLIP(DualTrack):
         opt_p = adamw(model.params(p_names), self.private_lr(rnd), self.t.weight_decay, kept)
         anchor = model.snapshot(self.shared_names(model))
         swap = self.private_step_values(model, client, anchor)
-        private_on = rnd > self.m.warmup_rounds or self.dense_warmup()
+        private_on = self.private_steps(rnd)
         side = SideStream(derive(self.t.seed, "private-step-dropout", data.cid, rnd), model.device)
         g_losses, p_losses = [], []
         with training(model):
@@ -166,6 +166,13 @@ class FedSLIP(DualTrack):
         if p_losses:
             metrics["private_loss"] = mean(p_losses)
         return model.read(self.shared_names(model)), client, metrics
+
+    def private_steps(self, rnd: int) -> bool:
+        """Whether round `rnd`'s batches take a private step after the global one."""
+        return rnd > self.m.warmup_rounds or self.dense_warmup()
+
+    def round_cost(self, rnd: int) -> float:
+        return 2.0 if self.private_steps(rnd) else 1.0  # a private step costs about what a global one does
 
     def private_step_values(self, model: AdaptedModel, client: ClientState, received) -> Swap | None:
         """What the private step sees in place of the global step's values: the global track as received
