@@ -15,7 +15,7 @@ class Parser(argparse.ArgumentParser):
 
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.toml", help="TOML file with [data] [partition] [model] [train] [method]")
-    p.add_argument("--preset", choices=None, metavar="{quick,paper}", help="start from a preset (default: paper)")
+    p.add_argument("--preset", choices=None, metavar="{quick,paper,reference}", help="start from a preset (default: paper)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one setting, e.g. --set train.rounds=3 (repeatable)")
     p.add_argument("--data-dir", help="AG News folder with train.csv and test.csv (else $FEDSLIP_DATA_DIR, then the hub)")
