@@ -56,7 +56,7 @@ def independent_join(prep, cfg, glob, cid: int = HELD):
     state = method.init_client(model, cid, torch_gen(cfg.train.seed, "client", cid))
     torch.manual_seed(derive(cfg.train.seed, "join-dropout", cid))
     data = ClientData(cid, prep.train, prep.split.train[cid], cfg.train.batch_size,
-                      numpy_gen(cfg.train.seed, "join-batches", cid))
+                      numpy_gen(cfg.train.seed, "join-batches", cid), cfg.train.length_pool)
     return method, model, state, method.join_view(model, glob, state, data)
 
 

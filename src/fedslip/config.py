@@ -65,6 +65,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant | cosine (decayed over the rounds, to 0 after the last)
     local_only_epochs: int = 5  # `local` method: epochs of purely local training
     batch_size: int = 32
+    length_pool: int = 50  # batches per length-sorting pool (less padding); 1: uniformly shuffled batches
     lr: float = 1e-4
     weight_decay: float = 0.01
     clip: float = 1.0
@@ -161,7 +162,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     # The paper protocol as the reference code ran it, its accidents included (docs/fidelity.md).
     "reference": {
-        "train": {"precision": "fp32"},
+        "train": {"precision": "fp32", "length_pool": 1},
         "method": {"mask_ties": "keep", "private_optimizer": "fresh", "global_step_private": "on",
                    "private_step_global": "live", "mu": 0.0},
         "by_method": {
@@ -352,6 +353,7 @@ def validate(cfg: Config) -> None:
     need(t.clip > 0, f"train.clip = {t.clip}: must be > 0")
     need(0 < t.client_fraction <= 1, f"train.client_fraction = {t.client_fraction}: must be in (0, 1]")
     need(t.eval_every >= 1, f"train.eval_every = {t.eval_every}: must be >= 1")
+    need(t.length_pool >= 1, f"train.length_pool = {t.length_pool}: must be >= 1 (1: uniformly shuffled batches)")
     need(t.eval_batch_size >= 1, f"train.eval_batch_size = {t.eval_batch_size}: must be >= 1")
     need(t.device in ("auto", "cpu", "cuda") or (t.device.startswith("cuda:") and t.device[5:].isdigit()),
          f"train.device = {t.device!r}: expected auto, cpu, cuda or cuda:N")

@@ -1,8 +1,9 @@
 """Tokenize once, then cut length-bucketed batches (little padding) from index lists.
 
-Training batches: shuffle (seeded), cut into pools of `POOL` batches, sort each pool by length, cut
-batches, shuffle the batch order. Examples of similar length share a batch, so padding stays small while
-the order still changes every epoch. Evaluation batches are simply sorted by length.
+Training batches: shuffle (seeded), cut into pools of `pool` batches (`train.length_pool`), sort each pool
+by length, cut batches, shuffle the batch order. Examples of similar length share a batch, so padding stays
+small while the order still changes every epoch; a pool of 1 gives uniformly shuffled batches, as a plain
+shuffled DataLoader would. Evaluation batches are simply sorted by length.
 """
 
 from __future__ import annotations
@@ -11,9 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-POOL = 50  # batches per length-sorting pool
-
 
 @dataclass
 class Batch:
@@ -46,12 +44,12 @@ class Encoded:
             mask[row, :n] = 1
         return Batch(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(self.labels[idx]), np.asarray(idx))
 
-    def train_batches(self, idx: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[Batch]:
+    def train_batches(self, idx: np.ndarray, batch_size: int, rng: np.random.Generator, pool: int
+                      ) -> list[Batch]:
         order = rng.permutation(np.asarray(idx))
         groups: list[np.ndarray] = []
-        pool = batch_size * POOL
-        for start in range(0, len(order), pool):
-            chunk = order[start:start + pool]
+        for start in range(0, len(order), batch_size * pool):
+            chunk = order[start:start + batch_size * pool]
             chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
             groups += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
         return [self.batch(groups[g]) for g in rng.permutation(len(groups))]

@@ -56,14 +56,15 @@ class ClientState:
 class ClientData:
     """One client's training examples; `epoch()` gives freshly shuffled, length-bucketed batches."""
 
-    def __init__(self, cid: int, encoded, idx, batch_size: int, rng):
+    def __init__(self, cid: int, encoded, idx, batch_size: int, rng, length_pool: int):
         self.cid, self.encoded, self.idx, self.batch_size, self.rng = cid, encoded, idx, batch_size, rng
+        self.length_pool = length_pool
 
     def __len__(self) -> int:
         return len(self.idx)
 
     def epoch(self) -> list[Batch]:
-        return self.encoded.train_batches(self.idx, self.batch_size, self.rng)
+        return self.encoded.train_batches(self.idx, self.batch_size, self.rng, self.length_pool)
 
     def batches(self, epochs: int, steps: int | None = None) -> Iterator[Batch]:
         """`epochs` freshly shuffled epochs, or exactly `steps` batches (as many epochs as that takes)."""
