@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from fedslip.config import DataConfig, PartitionConfig
-from fedslip.data.partition import DominantLabelPartitioner, describe_split, make_split
+from fedslip.data.partition import DominantLabelPartitioner, make_split
+from fedslip.data.split import describe_split
 from fedslip.data.sources import load_data
 from fedslip.data.text import TextData, make_dataset
 from fedslip.errors import UserError

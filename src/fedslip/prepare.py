@@ -15,7 +15,7 @@ import numpy as np
 from fedslip.config import Config
 from fedslip.errors import UserError
 from fedslip.data.batching import Encoded
-from fedslip.data.partition import Split, describe_split, make_split
+from fedslip.data.split import Split, describe_split
 from fedslip.data.sources import load_data
 from fedslip.data.text import TextData
 from fedslip.model.backbone import Backbone, load_backbone
@@ -50,6 +50,8 @@ def _backbone(cfg: Config, num_classes: int) -> Backbone:
 
 
 def prepare(cfg: Config) -> Prepared:
+    from fedslip.data.partition import make_split  # here, not above: nodes with their own files never split
+
     data = load_data(cfg.data)
     split = make_split(data, cfg.partition, cfg.train.seed)
     if cfg.partition.validation_fraction > 0:

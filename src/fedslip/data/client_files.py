@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedslip.data.partition import Split
+from fedslip.data.split import Split
 from fedslip.data.text import TextData
 
 

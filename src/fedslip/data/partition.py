@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import datasets
 import numpy as np
@@ -23,18 +22,12 @@ from flwr_datasets.partitioner import (DirichletPartitioner, IidPartitioner, Par
                                        PathologicalPartitioner)
 
 from fedslip.config import PartitionConfig
+from fedslip.data.split import Split, column_array, labels_of
 from fedslip.data.text import TextData
 from fedslip.errors import UserError
 
 DIRICHLET_MIN_PARTITION_SIZE = 10  # flwr resamples (up to 10 times) until every client has this many
 _GLOBAL, _TRAIN, _TEST = 0, 1, 2  # seed streams (numpy SeedSequence entropy [seed, stream])
-
-
-@dataclass
-class Split:
-    train: list[np.ndarray]  # train[k]: int64 indices into data.train for client k
-    test: list[np.ndarray]  # test[k]: int64 indices into data.test for client k
-    global_test: np.ndarray  # int64 indices into data.test, balanced over classes
 
 
 class PoolTooSmall(ValueError):
@@ -43,15 +36,6 @@ class PoolTooSmall(ValueError):
     def __init__(self, label: int, needed: int, available: int):
         super().__init__(f"class {label}: needs {needed} examples but only {available} are available")
         self.label, self.needed, self.available = label, needed, available
-
-
-def column_array(ds: datasets.Dataset, column: str = "label") -> np.ndarray:
-    """One column as an int64 array (the numpy format reads it in bulk; plain `ds[col]` iterates rows)."""
-    return np.asarray(ds.with_format("numpy", columns=[column])[:][column], dtype=np.int64)
-
-
-def labels_of(ds: datasets.Dataset) -> np.ndarray:
-    return column_array(ds, "label")
 
 
 def _round_half_up(x: float) -> int:
@@ -258,16 +242,3 @@ def capped(idx: np.ndarray, labels: np.ndarray, cap: int | None) -> np.ndarray:
             taken[c] += 1
             keep.append(i)
     return np.asarray(keep, dtype=np.int64)
-
-
-def describe_split(data: TextData, split: Split) -> list[dict]:
-    """Per client: sizes, label counts (lists indexed by class) and the dominant (most frequent) train label."""
-    train_labels, test_labels = labels_of(data.train), labels_of(data.test)
-    out = []
-    for k, (tr, te) in enumerate(zip(split.train, split.test)):
-        tr_counts = np.bincount(train_labels[tr], minlength=data.num_classes)
-        te_counts = np.bincount(test_labels[te], minlength=data.num_classes)
-        out.append({"client": k, "n_train": int(len(tr)), "n_test": int(len(te)),
-                    "train_label_counts": tr_counts.tolist(), "test_label_counts": te_counts.tolist(),
-                    "dominant_label": int(np.argmax(tr_counts))})
-    return out
