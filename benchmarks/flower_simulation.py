@@ -130,7 +130,7 @@ def flower(rc: dict, clients: int, cpus: int, workdir: Path, poll: float) -> dic
     t0 = time.time()
     with Loopback(workdir, clients, insecure=True, simulation=True, project=app) as lb:
         run_id = lb.submit(rc, federation)
-        info = lb.wait(run_id, 3600, poll=poll)  # `flwr list` every `poll` s: a CLI process, kept rare
+        info = lb.wait(run_id, 3600, ask_every=poll)  # `flwr list` (a CLI process) every `poll` s, and at the end
         seen = time.time()
         (workdir / "run.log").write_text(lb.logs(run_id), encoding="utf-8")
     stopped = time.time()

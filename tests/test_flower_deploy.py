@@ -3,10 +3,10 @@
 1. TLS + SuperNode authentication: the run matches the in-process engine (same ledger, same private state
    on every node's disk, accuracies within one test example), no private tensor is in any outgoing message,
    and every process started is gone afterwards.
-2. `--insecure`, min-available 3, 4 rounds: SuperNode 3 is killed (SIGKILL) once round 2 is under way; round
-   2 finishes with 3 clients (node 3's message fails when the SuperLink misses its heartbeats); the node,
-   restarted at once, trains again (from round 3, or 4 if it connects late) from the private state on its
-   disk.
+2. `--insecure`, min-available 3, 3 rounds: SuperNode 3 is killed (SIGKILL) once round 2 is under way; round
+   2 finishes with 3 clients (node 3's message fails when the SuperLink has missed its heartbeats, about a
+   minute); the node, restarted at once and so connected long before round 3, trains in round 3 from the
+   private state on its disk.
 
 Minutes, not seconds (every ClientApp call is a fresh process): marked slow.
 """
@@ -83,7 +83,7 @@ def test_tls_deployment_matches_inprocess_and_leaks_nothing(tiny_prep, tmp_path)
 
 
 def test_insecure_kill_one_node_then_restart_resumes_from_disk(tmp_path):
-    sections = {"train": {"rounds": 4, "eval_every": 4}, "method": {"warmup_rounds": 0}}
+    sections = {"train": {"rounds": 3, "eval_every": 3}, "method": {"warmup_rounds": 0}}
     out = tmp_path / "out"
     rc = {**run_config("fedslip", out=out, **sections), "min-available": 3, "round-timeout": 900.0}
     with Loopback(tmp_path / "lb", 4, insecure=True) as lb:
@@ -102,32 +102,33 @@ def test_insecure_kill_one_node_then_restart_resumes_from_disk(tmp_path):
                 assert time.monotonic() < deadline, f"timed out waiting for {what}"
                 time.sleep(0.5)
 
-        # round 2 reaching the others means the server has all of round 1, node 3's upload included (killed
-        # mid-upload, the SuperLink would hold round 1 for minutes waiting on the objects of its reply)
-        wait_for(lambda: all(any(r["kind"] == "train" and r["round"] == 2 for r in read_jsonl(d / "wire.jsonl"))
-                             for d in others), "round 2 to reach nodes 0-2")
+        # round 2 reaching any node means the server has all of round 1, node 3's upload included (killed
+        # mid-upload, the SuperLink would hold round 1 for minutes waiting on the objects of its reply); kill
+        # at the first sign, long before node 3 could finish round 2
+        wait_for(lambda: any(r["kind"] == "train" and r["round"] == 2 for d in [*others, node3]
+                             for r in read_jsonl(d / "wire.jsonl")), "round 2 to reach a node")
         saved = _events(node3, "save")[-1]
         assert saved["round"] == 1
         killed = lb.kill_node(3)
         assert not alive(killed)
-        lb.start_node(3)  # a new node id: the server maps it to partition 3 when it next looks (round 3 or 4)
+        lb.start_node(3)  # a new node id: the server maps it to partition 3 when it next looks (round 3)
         info = lb.wait(run_id, TIMEOUT)
         log = lb.logs(run_id)
         collect_node_logs(lb, out)
     assert info["status"] == "finished:completed", log
     assert not alive(lb.stopped_pids)
 
-    # the restarted node read its round-1 state from disk and trained again from round 3 or 4 on
+    # the restarted node read its round-1 state from disk and trained again in round 3
     resumes = _events(node3, "resume")
     assert len(resumes) == 1 and resumes[0]["round"] == 1 and resumes[0]["digest"] == saved["digest"]
     rounds3 = [e["round"] for e in _events(node3, "save")]
-    assert rounds3[0] == 1 and rounds3[1] in (3, 4) and rounds3[-1] == 4
+    assert rounds3 == [1, 3]
     with open(out / "ledger.csv", encoding="utf-8") as f:
         ups = [(int(r["round"]), int(r["client"])) for r in csv.DictReader(f)
                if r["direction"] == "up" and r["status"] == "ok"]
     assert sorted(c for r, c in ups if r == 1) == [0, 1, 2, 3]  # node 3 was killed after its round-1 upload
     assert sorted(c for r, c in ups if r == 2) == [0, 1, 2]  # the run went on without it
-    assert sorted(c for r, c in ups if r == 4) == [0, 1, 2, 3]
+    assert sorted(c for r, c in ups if r == 3) == [0, 1, 2, 3]
     with open(out / "ledger.csv", encoding="utf-8") as f:
         sent_round2 = [int(r["client"]) for r in csv.DictReader(f)
                        if r["round"] == "2" and r["direction"] == "down" and r["kind"] == "train"]

@@ -2,31 +2,35 @@
 # The paper study, resumed in the background from where its checkpoints stand (docs/paper/README.md).
 #   bash docs/paper/continue.sh          start (or resume) it; prints the pid and where it logs
 #   bash docs/paper/continue.sh carry    copy its checkpoints into docs/paper/carry/state/ (then commit them)
-# Run from the repository root, in a virtualenv with fedslip installed. Between docs/paper/carry/ and
-# runs/paper/ the checkpoint with more rounds wins, in both directions.
+# From any folder, in a virtualenv with fedslip installed. Between docs/paper/carry/ and runs/paper/ the
+# checkpoint further along (more rounds; finished beats unfinished) wins, in both directions.
 set -euo pipefail
+cd "$(dirname "$0")/../.."
 CODE=0eee8b0                                 # the code of every round since round 7; keep it for the study
 WORKTREE=${PAPER_WORKTREE:-$(cd .. && pwd)/paper-wt-$CODE}
 DATA=/work/shared/data/ag_news               # the fingerprint holds this exact path
 METHODS=fedslip-plus,fedavg,fedslip,dualtrack-naive,local
 CARRY=docs/paper/carry/state RUN=runs/paper/state
 
-rounds() {  # rounds a checkpoint holds; 0 when absent
+progress() {  # 2 x rounds + finished, of one checkpoint; 0 when absent
   [ -f "$1" ] || { echo 0; return; }
-  python -c 'import sys; from fedslip.federation.checkpoint import read_meta; print(len(read_meta(sys.argv[1])["rounds"]))' "$1"
+  python -c 'import sys; from fedslip.federation.checkpoint import read_meta
+m = read_meta(sys.argv[1]); print(2 * len(m["rounds"]) + bool(m.get("finished")))' "$1"
 }
-newer() {  # copy every checkpoint of $1 into $2 that has more rounds than $2's copy
+newer() {  # copy every checkpoint of $1 into $2 that is further along than $2's copy
   mkdir -p "$2"
   for f in "$1"/*.safetensors; do
     [ -f "$f" ] || continue
     t="$2/$(basename "$f")"
-    if [ "$(rounds "$f")" -gt "$(rounds "$t")" ]; then cp "$f" "$t"; echo "$f ($(rounds "$f") rounds) -> $t"; fi
+    a=$(progress "$f")
+    b=$(progress "$t")
+    if [ "$a" -gt "$b" ]; then cp "$f" "$t"; echo "$f -> $t"; fi
   done
 }
 
 if [ "${1:-}" = carry ]; then newer "$RUN" "$CARRY"; exit 0; fi
-if [ -f runs/paper.pid ] && kill -0 "$(cat runs/paper.pid)" 2>/dev/null; then
-  echo "already running: pid $(cat runs/paper.pid), log runs/paper.log"; exit 0
+if pid=$(pgrep -f "fedslip compare --preset paper" | head -1) && [ -n "$pid" ]; then
+  echo "already running: pid $pid, log runs/paper.log"; exit 0
 fi
 [ -d "$WORKTREE" ] || git worktree add "$WORKTREE" "$CODE"
 newer "$CARRY" "$RUN"
