@@ -27,8 +27,11 @@ class ClientSide:
         return self.method.init_client(self.model, cid, client_gen(self.seed, cid))
 
     def data(self, cid: int, rnd: int) -> ClientData:
-        return ClientData(cid, self.prep.train, self.prep.split.train[cid], self.cfg.train.batch_size,
-                          numpy_gen(self.seed, "batches", cid, rnd), self.cfg.train.length_pool)
+        return self._batched(cid, numpy_gen(self.seed, "batches", cid, rnd))
+
+    def _batched(self, cid: int, gen) -> ClientData:
+        return ClientData(cid, self.prep.train, self.prep.split.train[cid], self.cfg.train.batch_size, gen,
+                          self.cfg.train.length_pool)
 
     def handle(self, req: Request, state: ClientState) -> tuple[Answer, ClientState]:
         """Evaluate what was received if asked, then train on it if it is a train request."""
@@ -83,8 +86,7 @@ class ClientSide:
         if view is not None:
             out["newcomer-global-acc"] = group_accuracy(model, view, "global", prep.test, own, bs)[0]
         torch.manual_seed(derive(self.seed, "join-dropout", cid))
-        data = ClientData(cid, prep.train, prep.split.train[cid], self.cfg.train.batch_size,
-                          numpy_gen(self.seed, "join-batches", cid), self.cfg.train.length_pool)
+        data = self._batched(cid, numpy_gen(self.seed, "join-batches", cid))
         joined = method.join_view(model, down, state, data)
         if joined is not None:
             mode = "both" if method.personalizes else "global"
