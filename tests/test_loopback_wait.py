@@ -3,11 +3,17 @@ process ends, and never taken for finished before it says so. No Flower processe
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 pytest.importorskip("flwr", reason="the flower extra is not installed")
 
-from fedslip.federation.flower.loopback import Loopback  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+from fedslip.federation.flower import loopback  # noqa: E402
+from fedslip.federation.flower.loopback import Loopback, descendants, process_table, start_time  # noqa: E402
 
 
 class _Clock:
@@ -32,7 +38,7 @@ def _loopback(tmp_path, monkeypatch, serverapp_ends_at, finished_at):
         return {"status": "finished:completed" if clock.now >= finished_at else "running"}
 
     lb.status = status
-    lb.serverapps = lambda: {4242} if 1.0 <= clock.now < serverapp_ends_at else set()
+    lb.serverapps = lambda table=None: {4242} if 1.0 <= clock.now < serverapp_ends_at else set()
     return lb, clock, asked
 
 
@@ -58,3 +64,38 @@ def test_times_out_saying_the_status(tmp_path, monkeypatch):
     with pytest.raises(TimeoutError, match="still running after 100 s"):
         lb.wait(7, timeout=100.0, poll=0.5, ask_every=30.0)
     assert clock.now <= 100.0 + 30.0 + 0.5
+
+
+def test_descendants_are_the_whole_tree_below_a_pid_with_their_start_times():
+    shell = subprocess.Popen(["sh", "-c", "sleep 30 & sh -c 'sleep 30 & wait' & wait"])
+    try:
+        deadline = time.monotonic() + 10
+        while len(descendants(shell.pid)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        below = descendants(shell.pid)
+        names = sorted(Path(f"/proc/{pid}/comm").read_text().strip() for pid in below)
+        assert names == ["sh", "sleep", "sleep"]  # a child, a grandchild and the child shell between
+        assert below == {pid: start_time(pid) for pid in below}
+        assert shell.pid not in below and descendants(shell.pid, process_table()) == below
+    finally:
+        for pid in descendants(shell.pid):
+            subprocess.run(["kill", str(pid)], check=False)
+        shell.wait(timeout=10)
+
+
+def test_one_wait_poll_reads_proc_once_whatever_the_number_of_processes(tmp_path, monkeypatch):
+    lb, clock, asked = _loopback(tmp_path, monkeypatch, serverapp_ends_at=0.0, finished_at=3.0)
+    del lb.serverapps  # the real one, over a SuperLink and four nodes that are running processes
+    for name in ["superlink", "node0", "node1", "node2", "node3"]:
+        lb.procs[name] = loopback.Proc(name, subprocess.Popen(["sleep", "30"]), tmp_path / "log")
+    calls = []
+    real = loopback.process_table
+    monkeypatch.setattr(loopback, "process_table", lambda: calls.append(1) or real())
+    try:
+        lb.wait(7, timeout=1000.0, poll=0.5, ask_every=30.0)
+    finally:
+        for proc in lb.procs.values():
+            proc.popen.kill()
+            proc.popen.wait()
+    assert asked == [0.0, 30.0]
+    assert len(calls) == 30.0 / 0.5 + 1  # one pass per poll: the last poll asks and returns without sleeping

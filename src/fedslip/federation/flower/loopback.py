@@ -97,16 +97,26 @@ def start_time(pid: int) -> int | None:
     return int(fields[19]) if fields else None
 
 
-def descendants(pid: int) -> list[int]:
-    parents: dict[int, list[int]] = {}
+def process_table() -> dict[int, tuple[int, int]]:
+    """Every process now: pid -> (parent pid, start time), from one pass over /proc."""
+    table = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         fields = _stat(int(stat.parent.name))
         if fields:
-            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
+            table[int(stat.parent.name)] = (int(fields[1]), int(fields[19]))
+    return table
+
+
+def descendants(pid: int, table: dict[int, tuple[int, int]] | None = None) -> dict[int, int]:
+    """Every process below `pid`: pid -> start time (`table`: a `process_table()` already taken)."""
+    table = process_table() if table is None else table
+    children: dict[int, list[int]] = {}
+    for child, (parent, _) in table.items():
+        children.setdefault(parent, []).append(child)
+    found, todo = {}, [pid]
     while todo:
-        for child in parents.get(todo.pop(), []):
-            found.append(child)
+        for child in children.get(todo.pop(), []):
+            found[child] = table[child][1]
             todo.append(child)
     return found
 
@@ -151,13 +161,14 @@ class Proc:
     started: int | None = None  # start time of the process itself
     tree: dict[int, int | None] = field(default_factory=dict)  # pid -> start time of everything seen under it
 
-    def refresh(self) -> None:
+    def refresh(self, table: dict[int, tuple[int, int]] | None = None) -> None:
         if self.popen.poll() is None:
-            for pid in descendants(self.popen.pid):
-                self.tree.setdefault(pid, start_time(pid))
+            for pid, started in descendants(self.popen.pid, table).items():
+                self.tree.setdefault(pid, started)
 
-    def pids(self) -> dict[int, int | None]:
-        self.refresh()
+    def pids(self, refresh: bool = True) -> dict[int, int | None]:
+        if refresh:
+            self.refresh()
         return {self.popen.pid: self.started, **self.tree}
 
     def stop(self, grace: float = 10.0, first: int = signal.SIGTERM) -> None:
@@ -345,10 +356,11 @@ class Loopback:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def refresh(self) -> None:
-        """Remember every pid started under our processes (call while a run is going)."""
+    def refresh(self, table: dict[int, tuple[int, int]] | None = None) -> None:
+        """Remember every pid started under our processes (call while a run is going): one pass over /proc."""
+        table = process_table() if table is None else table
         for proc in self.procs.values():
-            proc.refresh()
+            proc.refresh(table)
 
     # --- runs -------------------------------------------------------------------------------------
     def submit(self, run_config: dict[str, Any], federation_config: dict[str, Any] | None = None) -> int:
@@ -368,12 +380,14 @@ class Loopback:
         doc = json.loads(out[out.index("{"):])
         return doc["runs"][0]
 
-    def serverapps(self) -> set[int]:
-        """The ServerApp (or simulation) processes running under the SuperLink now: read from /proc."""
+    def serverapps(self, table: dict[int, tuple[int, int]] | None = None) -> set[int]:
+        """The ServerApp (or simulation) processes running under the SuperLink now (`table`: a
+        `process_table()` already taken)."""
         proc = self.procs.get("superlink")
         if proc is None:
             return set()
-        return {pid for pid, started in proc.pids().items()
+        proc.refresh(process_table() if table is None else table)
+        return {pid for pid, started in proc.pids(refresh=False).items()
                 if _alive(pid, started) and any(Path(a).name in SERVERAPP_EXES for a in _cmdline(pid)[:2])}
 
     def wait(self, run_id: int, timeout: float = 1800.0, poll: float = 0.5, ask_every: float = 30.0
@@ -385,8 +399,9 @@ class Loopback:
         seen: set[int] = set()
         finishing, next_ask = False, time.monotonic()
         while True:
-            self.refresh()
-            running = self.serverapps()
+            table = process_table()
+            self.refresh(table)
+            running = self.serverapps(table)
             now = time.monotonic()
             if seen - running and not finishing:
                 finishing, next_ask = True, now
