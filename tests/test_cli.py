@@ -43,11 +43,22 @@ def test_compare_writes_all_outputs(tmp_path, capsys):
     with open(out / "clients.csv") as f:
         clients = list(csv.DictReader(f))
     assert len(clients) == 4 * 4
+    # under the table, the goal: each personalizing method with a global model against fedavg's numbers
+    table = {r["method"]: r for r in csv.DictReader(open(out / "comparison.csv"))}
+    goal = (out / "comparison.md").read_text().split("Goal:")[1]
+    assert "| local |" not in goal and "| fedavg |" not in goal
+    for method in ("dualtrack-naive", "fedslip"):
+        ours, avg = table[method], table["fedavg"]
+        met = float(ours["personal_acc_mean"]) >= float(avg["kstep_acc_mean"]) - 1e-9
+        cell = (f"{100 * float(ours['personal_acc_mean']):.1f} vs {100 * float(avg['kstep_acc_mean']):.1f}: "
+                + ("met" if met else "NOT met"))
+        assert f"| {method} | {cell} |" in goal
     assert all(c["kstep_acc"] != "" for c in clients if c["method"] == "fedavg")
     assert all(c["kstep_acc"] == "" for c in clients if c["method"] == "fedslip")
     table = capsys.readouterr().out
     for m in ("local", "fedavg", "dualtrack-naive", "fedslip"):
         assert f"| {m} |" in table
+    assert goal in table  # printed as written
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "staging folder left behind"
 
 
@@ -163,6 +174,11 @@ def test_compare_over_seeds_reports_mean_and_sample_std_of_each_seed(tmp_path, c
     split = [json.load(open(out / f"seed-{s}" / "results.json"))["clients"] for s in (0, 3)]
     assert split[0] != split[1] or per_seed[0]["fedavg"] != per_seed[3]["fedavg"]  # each seed its own split
     assert " ± " in (out / "comparison.md").read_text()
+    seeds_met = sum(float(per_seed[s]["fedslip"]["global_acc"]) >= float(per_seed[s]["fedavg"]["global_acc"]) - 0.005 - 1e-9
+                    for s in (0, 3))
+    goal = (out / "comparison.md").read_text().split("Goal:")[1]
+    cells = next(line for line in goal.splitlines() if line.startswith("| fedslip |")).split(" | ")
+    assert cells[2].endswith(f"({seeds_met} of 2 seeds)")  # the global part, counted from the seed folders
 
 
 @pytest.mark.parametrize("spec", ["0,x", "1,1", "-1", ","])

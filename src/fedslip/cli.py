@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _execute(args, methods: list[str], out: Path) -> int:
     from rich.console import Console
 
+    from fedslip.evaluation.goal import goal_rows
+    from fedslip.evaluation.outputs import with_goal
     from fedslip.evaluation.tables import comparison_rows, to_markdown
     from fedslip.progress import for_terminal
 
@@ -70,7 +72,8 @@ def _execute(args, methods: list[str], out: Path) -> int:
     if seeds:
         _write_seed_summary(out, per_seed, methods)
     else:
-        print(to_markdown(per_seed[cfg.train.seed]))
+        rows = per_seed[cfg.train.seed]
+        print(with_goal(to_markdown(rows), goal_rows(rows)), end="")
     return 0
 
 
@@ -112,16 +115,18 @@ def parse_seeds(spec: str) -> list[int]:
 def _write_seed_summary(out: Path, per_seed: dict[int, list[dict]], methods: list[str]) -> None:
     from fedslip.evaluation import seeds as summary
     from fedslip.evaluation.figures import save_figure
-    from fedslip.evaluation.outputs import staged, write_dicts
+    from fedslip.evaluation.goal import goal_rows
+    from fedslip.evaluation.outputs import staged, with_goal, write_dicts
 
     rows = summary.summary_rows(per_seed)
+    text = with_goal(summary.to_markdown(rows), goal_rows(rows, per_seed))
     with staged(out) as stage:
-        (stage / "comparison.md").write_text(summary.to_markdown(rows) + "\n", encoding="utf-8")
+        (stage / "comparison.md").write_text(text, encoding="utf-8")
         summary.write_csv(rows, stage / "comparison.csv")
         write_dicts([{"seed": s, **r} for s, rs in per_seed.items() for r in rs], stage / "seeds.csv")
         save_figure(summary.build_figure(rows, f"{', '.join(methods)} · seeds {', '.join(map(str, per_seed))}"),
                     stage / "figure.png")
-    print(summary.to_markdown(rows))
+    print(text, end="")
     print(f"wrote {out}/: comparison.md comparison.csv seeds.csv figure.png (mean ± std over "
           f"{len(per_seed)} seeds; each seed in seed-<s>/)", file=sys.stderr)
 

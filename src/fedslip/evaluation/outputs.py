@@ -18,6 +18,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from fedslip.evaluation.figures import plot_results
+from fedslip.evaluation.goal import goal_rows
+from fedslip.evaluation.goal import to_markdown as goal_markdown
 from fedslip.evaluation.records import MethodResult
 from fedslip.evaluation.tables import comparison_rows, to_csv, to_markdown
 from fedslip.federation.ledger import Ledger, write_ledger_csv
@@ -98,9 +100,15 @@ def write_outputs(out: Path, prep: Prepared, runs: list[tuple[MethodResult, Ledg
         write_dicts([{"method": r.method, **asdict(c)} for r in results for c in r.clients], stage / "clients.csv")
         write_ledger_csv([ledger for _, ledger in runs], stage / "ledger.csv")
         rows = comparison_rows(results)
-        (stage / "comparison.md").write_text(to_markdown(rows) + "\n", encoding="utf-8")
+        (stage / "comparison.md").write_text(with_goal(to_markdown(rows), goal_rows(rows)), encoding="utf-8")
         to_csv(rows, stage / "comparison.csv")
         plot_results(results, stage / "figure.png", title=_title(prep))
+
+
+def with_goal(table: str, goals: list[dict]) -> str:
+    """A comparison's Markdown: its table, then the goal's check where the comparison can check it."""
+    goal = goal_markdown(goals)
+    return table + ("\n" + goal if goal else "") + "\n"
 
 
 def data_description(prep: Prepared) -> str:

@@ -1,0 +1,75 @@
+"""The product's claim, checked on every comparison that can check it: a personalizing method's zero-shot
+personalized accuracy (synced) at least FedAvg's after K-step fine-tuning, its global accuracy within half a
+point of FedAvg's, its traffic no more than FedAvg's. Over several seeds the verdict is on the means, with how
+many seeds met each part, so that a mean carried by one lucky seed shows."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from fedslip.evaluation.tables import _md_table
+
+GLOBAL_SLACK = 0.005  # half a point of accuracy
+EPS = 1e-9  # accuracies are ratios of counts: equal means equal, not "a rounding error below"
+HEADING = ("Goal: personal (synced) ≥ fedavg's K-step, global ≥ fedavg's − 0.5 point, "
+           "MiB/round ≤ fedavg's")
+
+# (name, the candidate's key, fedavg's key, slack): met when candidate ≥ fedavg's − slack (bytes: ≤)
+PARTS = [("personal vs K-step", "personal_acc_mean", "kstep_acc_mean", 0.0),
+         ("global", "global_acc", "global_acc", GLOBAL_SLACK),
+         ("MiB/round", "mib_per_round", "mib_per_round", 0.0)]
+
+
+def _met(part: str, ours: float, theirs: float, slack: float) -> bool:
+    if part == "MiB/round":
+        return ours <= theirs + EPS
+    return ours >= theirs - slack - EPS
+
+
+def _candidates(rows: Sequence[Mapping]) -> list[Mapping]:
+    from fedslip.methods import METHODS
+
+    return [r for r in rows if r["method"] in METHODS and METHODS[r["method"]].personalizes
+            and all(r.get(key) is not None for _, key, _, _ in PARTS)]
+
+
+def _fmt(part: str, x: float) -> str:
+    return f"{x:.3f}" if part == "MiB/round" else f"{100 * x:.1f}"
+
+
+def goal_rows(rows: Sequence[Mapping], per_seed: Mapping[int, Sequence[Mapping]] | None = None) -> list[dict]:
+    """Per candidate: each part's values, whether the mean meets it and (with `per_seed`) on how many seeds.
+    Empty when `rows` lack fedavg with its K-step accuracy or a personalizing method with a global model."""
+    fedavg = next((r for r in rows if r["method"] == "fedavg"), None)
+    if fedavg is None or any(fedavg.get(theirs) is None for _, _, theirs, _ in PARTS):
+        return []
+    out = []
+    for row in _candidates(rows):
+        parts = []
+        for part, ours, theirs, slack in PARTS:
+            entry = {"part": part, "ours": row[ours], "fedavg": fedavg[theirs],
+                     "met": _met(part, row[ours], fedavg[theirs], slack)}
+            if per_seed:
+                pairs = [(next((r for r in rs if r["method"] == row["method"]), None),
+                          next((r for r in rs if r["method"] == "fedavg"), None)) for rs in per_seed.values()]
+                pairs = [(a, b) for a, b in pairs if a and b and a.get(ours) is not None and b.get(theirs) is not None]
+                entry["seeds_met"] = sum(_met(part, a[ours], b[theirs], slack) for a, b in pairs)
+                entry["seeds"] = len(pairs)
+            parts.append(entry)
+        out.append({"method": row["method"], "parts": parts, "met": all(p["met"] for p in parts)})
+    return out
+
+
+def to_markdown(goals: Sequence[dict]) -> str:
+    """"" when there is nothing to check; else a heading line and one table row per candidate."""
+    if not goals:
+        return ""
+
+    def cell(p: dict) -> str:
+        text = f"{_fmt(p['part'], p['ours'])} vs {_fmt(p['part'], p['fedavg'])}: {'met' if p['met'] else 'NOT met'}"
+        return text + (f" ({p['seeds_met']} of {p['seeds']} seeds)" if "seeds" in p else "")
+
+    seeds = "seeds" in goals[0]["parts"][0]
+    header = ["Method"] + [p["part"] for p in goals[0]["parts"]] + ["all three" + (" (means)" if seeds else "")]
+    body = [[g["method"]] + [cell(p) for p in g["parts"]] + ["met" if g["met"] else "NOT met"] for g in goals]
+    return HEADING + "\n\n" + _md_table(header, body, [":---"] + ["---:"] * (len(header) - 1))

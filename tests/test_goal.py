@@ -1,0 +1,49 @@
+"""The goal's check under a comparison: each part against fedavg, the half-point slack, seeds counted."""
+
+from __future__ import annotations
+
+from fedslip.evaluation.goal import goal_rows, to_markdown
+
+
+def row(method, glob=None, personal=None, kstep=None, mib=2.0):
+    return {"method": method, "global_acc": glob, "personal_acc_mean": personal, "kstep_acc_mean": kstep,
+            "mib_per_round": mib}
+
+
+FEDAVG = row("fedavg", glob=0.85, personal=0.86, kstep=0.90)
+
+
+def verdicts(goals):
+    return {g["method"]: [p["met"] for p in g["parts"]] + [g["met"]] for g in goals}
+
+
+def test_each_part_against_fedavg_and_only_personalizing_methods_with_a_global_model():
+    rows = [row("local", personal=0.95), FEDAVG, row("fedprox", 0.80, 0.81, 0.85),
+            row("fedslip-plus", glob=0.845, personal=0.90), row("fedslip", glob=0.8449, personal=0.95),
+            row("dualtrack-naive", glob=0.90, personal=0.8999, mib=2.0001), row("fedsa", personal=0.99)]
+    assert verdicts(goal_rows(rows)) == {
+        "fedslip-plus": [True, True, True, True],  # equal to K-step, exactly half a point below fedavg: met
+        "fedslip": [True, False, True, False],  # 0.51 point below fedavg's global accuracy
+        "dualtrack-naive": [False, True, False, False],
+    }  # local and fedsa have no global model; fedprox does not personalize
+
+
+def test_without_fedavg_or_its_k_step_nothing_is_checked_and_nothing_is_written():
+    assert goal_rows([row("fedslip", 0.8, 0.9)]) == []
+    assert goal_rows([row("fedavg", 0.85, 0.86), row("fedslip", 0.8, 0.9)]) == []
+    assert to_markdown([]) == ""
+
+
+def test_over_seeds_the_verdict_is_on_the_means_with_the_seeds_that_met_each_part():
+    per_seed = {0: [row("fedavg", 0.85, 0.86, 0.90), row("fedslip-plus", 0.85, 0.95)],
+                1: [row("fedavg", 0.85, 0.86, 0.90), row("fedslip-plus", 0.85, 0.89)],
+                2: [row("fedavg", 0.85, 0.86, 0.90), row("fedslip-plus", 0.83, 0.88)]}
+    means = [row("fedavg", 0.85, 0.86, 0.90), row("fedslip-plus", (0.85 + 0.85 + 0.83) / 3, (0.95 + 0.89 + 0.88) / 3)]
+    (goal,) = goal_rows(means, per_seed)
+    assert [(p["met"], p["seeds_met"], p["seeds"]) for p in goal["parts"]] == [
+        (True, 1, 3),  # mean 90.7 ≥ 90.0, but only seed 0 reaches its K-step
+        (False, 2, 3),  # mean 84.3 < 84.5
+        (True, 3, 3)]
+    text = to_markdown([goal])
+    assert "| fedslip-plus | 90.7 vs 90.0: met (1 of 3 seeds) | 84.3 vs 85.0: NOT met (2 of 3 seeds) |" in text
+    assert text.rstrip().endswith("| NOT met |") and "all three (means)" in text
