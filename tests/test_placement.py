@@ -96,31 +96,51 @@ def test_probe_measures_both_precisions():
     assert rate > 0
 
 
+def fake_rates(monkeypatch, screen, full):
+    """matmul_rate answering from two lists, by size: the screen's small matmuls and the full-size ones."""
+    calls, screen, full = [], iter(screen), iter(full)
+
+    def rate(device, dtype, m=None, seconds=0.25):
+        calls.append(("screen" if m == placement_module.SCREEN_M else "full", dtype))
+        return next(screen if m == placement_module.SCREEN_M else full)
+
+    monkeypatch.setattr(placement_module, "matmul_rate", rate)
+    monkeypatch.setattr(placement_module, "_PROBES", {})
+    return calls
+
+
 def test_one_stalled_timing_does_not_decide_the_precision(monkeypatch):
     """A machine paused or busy during one timing (the first fp32 one here) still gets the best of three."""
-    timings = iter([0.5, 400.0, 100.0, 410.0, 105.0, 390.0])  # fp32, bf16 alternating; the first fp32 stalled
-    monkeypatch.setattr(placement_module, "matmul_rate", lambda device, dtype, seconds: next(timings))
-    monkeypatch.setattr(placement_module, "_PROBES", {})
+    fake_rates(monkeypatch, [50.0, 90.0, 52.0, 95.0], [0.5, 400.0, 100.0, 410.0, 105.0, 390.0])
     got = placement_module.probe(torch.device("cpu"))
-    assert got == {"fp32_gflops": 105.0, "bf16_gflops": 410.0, "bf16_speedup": 3.9}
+    assert got == {"fp32_gflops": 105.0, "bf16_gflops": 410.0, "bf16_speedup": 3.9, "shape": "1792x384x1536"}
 
 
-def test_emulated_bf16_ends_the_probe_after_two_clear_losses(monkeypatch):
-    """On a CPU without native bf16 each bf16 timing costs seconds: two at under half the fp32 rate decide."""
-    calls = []
-    timings = iter([100.0, 1.2, 104.0, 1.3, 99.0, 1.1])
-    monkeypatch.setattr(placement_module, "matmul_rate",
-                        lambda device, dtype, seconds: calls.append(dtype) or next(timings))
-    monkeypatch.setattr(placement_module, "_PROBES", {})
+def test_emulated_bf16_is_decided_by_the_screen(monkeypatch):
+    """On a CPU without native bf16 one full-size bf16 timing costs seconds: the small screen decides."""
+    calls = fake_rates(monkeypatch, [40.0, 1.0, 45.0, 1.2], [])
     got = placement_module.probe(torch.device("cpu"))
-    assert calls == [torch.float32, torch.bfloat16] * 2
-    assert got == {"fp32_gflops": 104.0, "bf16_gflops": 1.3, "bf16_speedup": 0.01}
+    assert calls == [("screen", torch.float32), ("screen", torch.bfloat16)] * 2
+    assert got["fp32_gflops"] == 45.0 and got["bf16_gflops"] == 1.2 and got["bf16_speedup"] == 0.03
+    assert resolve("cpu", "auto").dtype == torch.float32
+
+
+def test_one_stalled_bf16_screen_does_not_decide(monkeypatch):
+    """bf16 a quarter of fp32 in one screen timing only: the full-size timings decide."""
+    calls = fake_rates(monkeypatch, [40.0, 1.0, 41.0, 60.0], [100.0, 300.0, 101.0, 310.0, 99.0, 305.0])
+    assert placement_module.probe(torch.device("cpu"))["bf16_gflops"] == 310.0
+    assert [c for c in calls if c[0] == "full"] == [("full", torch.float32), ("full", torch.bfloat16)] * 3
+
+
+def test_emulated_bf16_past_the_screen_ends_after_two_clear_losses(monkeypatch):
+    calls = fake_rates(monkeypatch, [40.0, 30.0, 41.0, 31.0], [100.0, 1.2, 104.0, 1.3, 99.0, 1.1])
+    got = placement_module.probe(torch.device("cpu"))
+    assert [c for c in calls if c[0] == "full"] == [("full", torch.float32), ("full", torch.bfloat16)] * 2
+    assert got == {"fp32_gflops": 104.0, "bf16_gflops": 1.3, "bf16_speedup": 0.01, "shape": "1792x384x1536"}
 
 
 def test_one_stalled_bf16_timing_does_not_end_the_probe(monkeypatch):
-    timings = iter([100.0, 1.0, 100.0, 390.0, 101.0, 400.0])  # the first bf16 timing stalled
-    monkeypatch.setattr(placement_module, "matmul_rate", lambda device, dtype, seconds: next(timings))
-    monkeypatch.setattr(placement_module, "_PROBES", {})
+    fake_rates(monkeypatch, [40.0, 50.0, 41.0, 52.0], [100.0, 1.0, 100.0, 390.0, 101.0, 400.0])
     assert placement_module.probe(torch.device("cpu"))["bf16_gflops"] == 400.0
     assert resolve("cpu", "auto").dtype == torch.bfloat16
 

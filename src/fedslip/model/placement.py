@@ -2,8 +2,8 @@
 
 bf16 pays only where the hardware does it natively: on CUDA (bf16-capable GPUs) and on CPUs with
 native bf16 matmuls (e.g. AVX512-BF16); on other CPUs bf16 emulation is 3 to 100 times slower than fp32.
-So `precision = "auto"` times a matmul of the backbone's shape in both precisions (alternating, best of
-three), once per process, and picks bf16 only where it is measurably faster. Only the frozen backbone is stored in bf16; adapters,
+So `precision = "auto"` times matmuls in both precisions, once per process (a small screen, then the
+backbone's shape), and picks bf16 only where it is measurably faster. Only the frozen backbone is stored in bf16; adapters,
 heads and optimizer states stay fp32 masters.
 """
 
@@ -20,6 +20,7 @@ from fedslip.errors import UserError
 from fedslip.model.cpu_heap import keep_freed_memory
 
 BF16_MARGIN = 1.25  # bf16 must beat fp32 by this factor to be chosen
+SCREEN_M, SCREEN_LOSS = 128, 4  # the screen's rows (32 × 4 tokens); bf16 this many times slower is emulated
 _PROBES: dict[str, dict] = {}
 
 
@@ -82,11 +83,21 @@ def _sync(device: torch.device) -> None:
 def probe(device: torch.device) -> dict:
     """fp32 and bf16 matmul rates on `device`, measured once per process.
 
-    Alternating short timings, the best of three of each: a pause or a burst of other work during one of
-    them (a shared machine) must not decide the precision of the whole run. Two bf16 timings in a row at
-    under half the fp32 rate end it early: that is emulated bf16, and a third would cost seconds for nothing."""
+    First a screen on a 14× smaller matmul, best of two alternating timings: emulated bf16 (10 to 100× slower
+    than fp32 at any shape) is decided there in a tenth of a second, where one full-size bf16 call costs over
+    a second; a ClientApp on Flower starts a process, and so this probe, for every message. Otherwise
+    alternating full-size timings, the best of three of each: a pause or a burst of other work during one
+    of them (a shared machine) must not decide the precision of the whole run. Two bf16 timings in a row
+    at under half the fp32 rate end it early."""
     key = str(device)
     if key not in _PROBES:
+        fp32 = bf16 = 0.0
+        for _ in range(2):
+            fp32 = max(fp32, matmul_rate(device, torch.float32, m=SCREEN_M, seconds=0.01))
+            bf16 = max(bf16, matmul_rate(device, torch.bfloat16, m=SCREEN_M, seconds=0.01))
+        if bf16 < fp32 / SCREEN_LOSS:
+            _PROBES[key] = _rates(fp32, bf16, f"screen {SCREEN_M}x384x1536")
+            return _PROBES[key]
         fp32 = bf16 = 0.0
         clear_losses = 0
         for _ in range(3):
@@ -96,9 +107,13 @@ def probe(device: torch.device) -> dict:
             clear_losses = clear_losses + 1 if timed < fp32 / 2 else 0
             if clear_losses == 2:
                 break
-        _PROBES[key] = {"fp32_gflops": round(fp32, 1), "bf16_gflops": round(bf16, 1),
-                        "bf16_speedup": round(bf16 / fp32, 2)}
+        _PROBES[key] = _rates(fp32, bf16, "1792x384x1536")
     return _PROBES[key]
+
+
+def _rates(fp32: float, bf16: float, shape: str) -> dict:
+    return {"fp32_gflops": round(fp32, 1), "bf16_gflops": round(bf16, 1), "bf16_speedup": round(bf16 / fp32, 2),
+            "shape": shape}
 
 
 SIMD_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "asimd", "sve")  # what picks a CPU's float kernels
