@@ -3,7 +3,8 @@
 #   bash docs/paper/continue.sh          start (or resume) it; prints the pid and where it logs
 #   bash docs/paper/continue.sh carry    copy its checkpoints into docs/paper/carry/state/ (then commit them)
 #   bash docs/paper/continue.sh report   the finished methods' comparison rendered by this checkout's code (goal
-#                                        check included) in runs/paper-report/; trains nothing
+#                                        check included) in runs/paper-report/; trains nothing; needs the
+#                                        torch the checkpoints were made with (2.13.0: the fingerprint holds it)
 # From any folder, in a virtualenv with fedslip installed. Between docs/paper/carry/ and runs/paper/ the
 # checkpoint further along (more rounds; finished beats unfinished) wins, in both directions.
 set -euo pipefail
@@ -19,9 +20,9 @@ progress() {  # 2 x rounds + finished, of one checkpoint; 0 when absent
   python -c 'import sys; from fedslip.federation.checkpoint import read_meta
 m = read_meta(sys.argv[1]); print(2 * len(m["rounds"]) + bool(m.get("finished")))' "$1"
 }
-finished() {  # whether a checkpoint is a run's final state
+finished() {  # "yes" when a checkpoint is a run's final state, "no" when not; an unreadable one stops the script
   python -c 'import sys; from fedslip.federation.checkpoint import read_meta
-sys.exit(0 if read_meta(sys.argv[1]).get("finished") else 1)' "$1"
+print("yes" if read_meta(sys.argv[1]).get("finished") else "no")' "$1"
 }
 newer() {  # copy every checkpoint of $1 into $2 that is further along than $2's copy
   mkdir -p "$2"
@@ -40,7 +41,9 @@ if [ "${1:-}" = report ]; then
   done_methods=()
   for m in ${METHODS//,/ }; do
     for f in "$RUN/$m.safetensors" "$CARRY/$m.safetensors"; do
-      if [ -f "$f" ] && finished "$f"; then cp "$f" runs/paper-report/state/; done_methods+=("$m"); break; fi
+      [ -f "$f" ] || continue
+      state=$(finished "$f")
+      if [ "$state" = yes ]; then cp "$f" runs/paper-report/state/; done_methods+=("$m"); break; fi
     done
   done
   [ ${#done_methods[@]} -gt 0 ] || { echo "no finished method yet"; exit 2; }
@@ -49,7 +52,7 @@ if [ "${1:-}" = report ]; then
     --data-dir "$DATA" --out runs/paper-report --resume
   exit 0
 fi
-if pid=$(pgrep -f "fedslip compare --preset paper" | head -1) && [ -n "$pid" ]; then
+if pid=$(pgrep -f "fedslip compare --preset paper .*--out runs/paper --resume" | head -1) && [ -n "$pid" ]; then
   echo "already running: pid $pid, log runs/paper.log"; exit 0
 fi
 [ -d "$WORKTREE" ] || git worktree add "$WORKTREE" "$CODE"

@@ -1,0 +1,63 @@
+"""Where one training step's CPU time goes, by kind of operation, from torch's profiler.
+
+    python benchmarks/step_profile.py [--precision bf16] [--backbone-dropout 0.1] [--mode global] [--steps 5]
+
+MiniLM with FedSLIP's two tracks, batch 32 × 56 tokens (`throughput.py`'s model and step), a few steps
+under `torch.profiler` after a warm-up; each aten op's self CPU time is put in a group (matmuls, dropout
+draws, copies and casts, ...), and the groups are printed as shares of the total.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from fedslip.model.cpu_heap import keep_freed_memory
+from throughput import build, step_fn
+
+GROUPS = {  # aten op -> group; anything else is "other"
+    "aten::addmm": "matmuls", "aten::mm": "matmuls", "aten::bmm": "matmuls",
+    "aten::random_": "dropout draws and masks", "aten::bitwise_and": "dropout draws and masks",
+    "aten::bitwise_right_shift": "dropout draws and masks", "aten::sub_": "dropout draws and masks",
+    "aten::copy_": "copies and casts", "aten::_to_copy": "copies and casts",
+    "aten::gelu": "GELU", "aten::gelu_backward": "GELU",
+    "aten::_softmax": "softmax", "aten::_softmax_backward_data": "softmax",
+    "aten::native_layer_norm": "layer norm", "aten::native_layer_norm_backward": "layer norm",
+    "aten::mul": "multiplications", "aten::mul_": "multiplications",
+    "aten::add": "additions", "aten::add_": "additions",
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    ap.add_argument("--backbone-dropout", type=float, default=0.1)
+    ap.add_argument("--mode", choices=["global", "private"], default="global")
+    ap.add_argument("--steps", type=int, default=5)
+    args = ap.parse_args()
+    keep_freed_memory()
+    model = build(torch.bfloat16 if args.precision == "bf16" else torch.float32, args.backbone_dropout)
+    ids = torch.randint(1000, 20000, (32, 56))
+    names = model.global_names + model.head_names if args.mode == "global" else model.private_names
+    step = step_fn(model, ids, torch.ones_like(ids), torch.randint(0, 4, (32,)), args.mode, names)
+    for _ in range(3):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(args.steps):
+            step()
+    shares: Counter[str] = Counter()
+    for event in prof.key_averages():
+        if event.key.startswith("aten::"):
+            shares[GROUPS.get(event.key, "other")] += event.self_cpu_time_total
+    total = sum(shares.values())
+    print(f"{args.precision}, {args.mode} step, backbone dropout {args.backbone_dropout}, {args.steps} steps, "
+          f"{torch.get_num_threads()} threads: {total / 1e3 / args.steps:.0f} ms of aten self CPU time a step")
+    for group, us in shares.most_common():
+        print(f"  {group:26s} {100 * us / total:5.1f} %")
+
+
+if __name__ == "__main__":
+    main()
