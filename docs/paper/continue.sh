@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The paper study, resumed in the background from where its checkpoints stand (docs/paper/README.md).
-#   bash docs/paper/continue.sh          start (or resume) it; prints the pid and where it logs
+#   bash docs/paper/continue.sh          start (or resume) it; prints the pid and where it logs; while it runs,
+#                                        its checkpoints are copied into carry/ every 10 minutes (not committed)
 #   bash docs/paper/continue.sh carry    copy its checkpoints into docs/paper/carry/state/ (then commit them)
 #   bash docs/paper/continue.sh report   the finished methods' comparison rendered by this checkout's code (goal
 #                                        check included) in runs/paper-report/; trains nothing; needs the
@@ -59,5 +60,10 @@ fi
 newer "$CARRY" "$RUN"
 PYTHONPATH="$WORKTREE/src" HF_HUB_OFFLINE=1 nohup python -m fedslip compare --preset paper --methods "$METHODS" \
   --set train.precision='"fp32"' --data-dir "$DATA" --out runs/paper --resume >> runs/paper.log 2>&1 &
-echo $! > runs/paper.pid
-echo "started: pid $!, log runs/paper.log; progress: fedslip status runs/paper"
+study=$!
+echo $study > runs/paper.pid
+# every 10 minutes while it runs, its checkpoints into carry/ (uncommitted): a session cut off before its own
+# `carry` still leaves them in the work tree
+( while kill -0 "$study" 2>/dev/null; do sleep 600; newer "$RUN" "$CARRY" >> runs/paper.log 2>&1 || true; done ) \
+  > /dev/null 2>&1 &
+echo "started: pid $study, log runs/paper.log; progress: fedslip status runs/paper; checkpoints copied into $CARRY every 10 min"
