@@ -21,10 +21,6 @@ progress() {  # 2 x rounds + finished, of one checkpoint; 0 when absent
   python -c 'import sys; from fedslip.federation.checkpoint import read_meta
 m = read_meta(sys.argv[1]); print(2 * len(m["rounds"]) + bool(m.get("finished")))' "$1"
 }
-finished() {  # "yes" when a checkpoint is a run's final state, "no" when not; an unreadable one stops the script
-  python -c 'import sys; from fedslip.federation.checkpoint import read_meta
-print("yes" if read_meta(sys.argv[1]).get("finished") else "no")' "$1"
-}
 newer() {  # copy every checkpoint of $1 into $2 that is further along than $2's copy
   mkdir -p "$2"
   for f in "$1"/*.safetensors; do
@@ -43,8 +39,8 @@ if [ "${1:-}" = report ]; then
   for m in ${METHODS//,/ }; do
     for f in "$RUN/$m.safetensors" "$CARRY/$m.safetensors"; do
       [ -f "$f" ] || continue
-      state=$(finished "$f")
-      if [ "$state" = yes ]; then cp "$f" runs/paper-report/state/; done_methods+=("$m"); break; fi
+      n=$(progress "$f")  # odd when finished; an unreadable checkpoint stops the script
+      if [ $((n % 2)) -eq 1 ]; then cp "$f" runs/paper-report/state/; done_methods+=("$m"); break; fi
     done
   done
   [ ${#done_methods[@]} -gt 0 ] || { echo "no finished method yet"; exit 2; }
