@@ -4,7 +4,9 @@
 
 MiniLM with FedSLIP's two tracks, batch 32 × 56 tokens (`throughput.py`'s model and step), a few steps
 under `torch.profiler` after a warm-up; each aten op's self CPU time is put in a group (matmuls, dropout
-draws, copies and casts, ...), and the groups are printed as shares of the total.
+draws, copies and casts, ...), and the groups are printed as shares of the total. Then, in the same process,
+the step without the profiler against the matmul rate of its precision (as `throughput.py`), and the ceiling
+that share implies: the efficiency the step would reach if every operation but the matmuls took no time.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from fedslip.model.cpu_heap import keep_freed_memory
-from throughput import build, step_fn
+from fedslip.model.placement import matmul_rate
+from throughput import build, encoder_weights, rate, step_fn
 
 GROUPS = {  # aten op -> group; anything else is "other"
     "aten::addmm": "matmuls", "aten::mm": "matmuls", "aten::bmm": "matmuls",
@@ -37,9 +40,11 @@ def main() -> None:
     ap.add_argument("--backbone-dropout", type=float, default=0.1)
     ap.add_argument("--mode", choices=["global", "private"], default="global")
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--seconds", type=float, default=6.0, help="of the unprofiled step timing")
     args = ap.parse_args()
     keep_freed_memory()
-    model = build(torch.bfloat16 if args.precision == "bf16" else torch.float32, args.backbone_dropout)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    model = build(dtype, args.backbone_dropout)
     ids = torch.randint(1000, 20000, (32, 56))
     names = model.global_names + model.head_names if args.mode == "global" else model.private_names
     step = step_fn(model, ids, torch.ones_like(ids), torch.randint(0, 4, (32,)), args.mode, names)
@@ -57,6 +62,13 @@ def main() -> None:
           f"{torch.get_num_threads()} threads: {total / 1e3 / args.steps:.0f} ms of aten self CPU time a step")
     for group, us in shares.most_common():
         print(f"  {group:26s} {100 * us / total:5.1f} %")
+    steps = rate(step, args.seconds)
+    mm = matmul_rate(torch.device("cpu"), dtype, seconds=3.0)
+    efficiency = steps * 32 * 4 * encoder_weights(model.net) * 56 / 1e9 / mm
+    matmul_share = shares["matmuls"] / total
+    print(f"without the profiler: {1e3 / steps:.0f} ms a step; training at {100 * efficiency:.0f} % of the "
+          f"{args.precision} matmul rate ({mm:.0f} GFLOP/s, measured after it); with every operation but the "
+          f"matmuls taking no time: {100 * efficiency / matmul_share:.0f} %")
 
 
 if __name__ == "__main__":
