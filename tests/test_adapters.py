@@ -165,23 +165,52 @@ def test_a_fresh_model_evaluates_without_dropout(tiny_prep):
     assert not any(m.training for m in model.net.modules())
 
 
-def test_cheap_dropout_levels_are_uniform_at_every_position():
-    """The 15-bit levels are sliced four to a 63-bit draw: each of the four positions (including the
-    draw's top slice, whose sign bit is always 0) must be uniform, so the drop rate is p everywhere; and
-    torch's seeded stream decides the draws."""
-    from fedslip.model.cheap_dropout import LEVELS, kept_mask, random_levels
+def test_drop_positions_are_a_bernoulli_draw_per_position():
+    """Dropped positions come from geometric gaps: over many draws each position is dropped with
+    probability p (first, middle and last positions alike), gaps of one occur with probability p as in
+    independent draws, the positions are sorted, distinct and in range, and torch's seeded stream decides
+    them, a first draw too short completed from it without a seam."""
+    from fedslip.model.cheap_dropout import drop_positions
 
     torch.manual_seed(0)
-    levels = random_levels(400_001, torch.device("cpu"))
-    assert levels.shape == (400_001,) and int(levels.min()) >= 0 and int(levels.max()) < LEVELS
-    by_slot = levels[:400_000].view(-1, 4).float() / LEVELS
-    for slot in range(4):
-        column = by_slot[:, slot]
-        assert abs(float(column.mean()) - 0.5) < 0.005
-        assert abs(float((column < 0.25).float().mean()) - 0.25) < 0.005
-    kept, scale = kept_mask(torch.ones(301, 299), 0.1)
-    assert abs(float(kept.float().mean()) - 0.9) < 0.005 and abs(scale - 1 / 0.9) < 1e-4
+    n, p, draws = 1000, 0.1, 3000
+    counts = torch.zeros(n)
+    for _ in range(draws):
+        at = drop_positions(n, p, torch.device("cpu"))
+        assert int(at.min()) >= 0 and int(at.max()) < n and bool((at.diff() > 0).all())
+        counts[at] += 1
+    per_position = counts / draws  # each ~ Binomial(3000, 0.1) / 3000: sd 0.0055
+    assert abs(float(per_position.mean()) - p) < 0.002
+    for block in (per_position[:50], per_position[475:525], per_position[-50:]):
+        assert abs(float(block.mean()) - p) < 0.004
+    gaps = drop_positions(2_000_000, p, torch.device("cpu")).diff().float()  # ~200,000 gaps, mean 1/p
+    assert abs(float((gaps == 1).float().mean()) - p) < 0.003  # the next one dropped too: probability p
+    assert abs(float(gaps.mean()) - 1 / p) < 0.1 and abs(float((gaps > 30).float().mean()) - (1 - p) ** 30) < 0.003
+    # a first draw too short is completed from the same stream: exactly the positions of one long draw
     torch.manual_seed(5)
-    first, second = random_levels(1000, torch.device("cpu")), random_levels(1000, torch.device("cpu"))
+    short = drop_positions(100_000, p, torch.device("cpu"), first=16)
     torch.manual_seed(5)
-    assert torch.equal(random_levels(1000, torch.device("cpu")), first) and not torch.equal(first, second)
+    assert torch.equal(drop_positions(100_000, p, torch.device("cpu")), short)
+    assert not torch.equal(drop_positions(100_000, p, torch.device("cpu"))[:100], short[:100])  # fresh draws differ
+    assert drop_positions(10, 0.0, torch.device("cpu")).numel() == 0
+    assert torch.equal(drop_positions(10, 1.0, torch.device("cpu")), torch.arange(10))
+
+
+@pytest.mark.parametrize("path", ["positions", "mask"])
+def test_dropout_zeroes_the_same_elements_forward_and_backward(path):
+    """The dropout's gradient is `scale` where the forward kept an element and 0 where it dropped one, for
+    a non-contiguous input too; the mask path (used off the CPU) is run here on CPU tensors."""
+    from fedslip.model import cheap_dropout as cd
+
+    drop = cd.dropped if path == "positions" else cd.dropped_by_mask
+    torch.manual_seed(1)
+    x = torch.randn(40, 30).t().requires_grad_()  # non-contiguous
+    y = drop(x, 0.25, 1 / 0.75)
+    weights = torch.randn(30, 40)
+    (y * weights).sum().backward()
+    kept = y != 0
+    assert abs(float(kept.float().mean()) - 0.75) < 0.06
+    torch.testing.assert_close(y[kept], x.detach()[kept] / 0.75)
+    torch.testing.assert_close(x.grad[kept], weights[kept] / 0.75)
+    assert bool((x.grad[~kept] == 0).all())
+    assert torch.equal(cd.cheap_dropout(x, 0.25, False), x)

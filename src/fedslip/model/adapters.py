@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedslip.errors import UserError
-from fedslip.model.cheap_dropout import kept_mask
+from fedslip.model.cheap_dropout import dropped
 
 MODES = ("global", "both", "private")
 
@@ -62,8 +62,9 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float, generator: torch.Gener
 
 
 class LoRADropout(nn.Module):
-    """LoRA's dropout on a layer's input, as PEFT, with the cheap masks of `cheap_dropout`. Returns the
-    masked input and the 1/(1-p) to fold into the LoRA output's scale, so the input is not rescaled."""
+    """LoRA's dropout on a layer's input, as PEFT, drawn as `cheap_dropout` draws. Returns the input with
+    its dropped elements zeroed and the 1/(1-p) to fold into the LoRA output's scale, so the input is not
+    rescaled."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -72,8 +73,9 @@ class LoRADropout(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         if not (self.training and self.p > 0):
             return x, 1.0
-        kept, scale = kept_mask(x, self.p)
-        return x * kept, scale
+        if self.p >= 1:
+            return x * 0, 0.0
+        return dropped(x, self.p, 1.0), 1.0 / (1.0 - self.p)
 
 
 class DualLoRALinear(nn.Module):

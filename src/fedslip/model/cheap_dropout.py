@@ -1,45 +1,84 @@
-"""The frozen backbone's own dropout, with masks from 15-bit random integers instead of Bernoulli draws.
+"""The frozen backbone's own dropout, and LoRA's, drawn as the gaps between dropped elements.
 
-On CPU, `nn.Dropout`'s Bernoulli draws cost MiniLM's bf16 training step about 40 % of its throughput
-(`benchmarks/throughput.py`-style measurement: 145 samples/s with the backbone's dropout off, 89 with its
-own 0.1). The same dropout (rate quantised to 1/32768), drawn from the same seeded generator as 15-bit
-slices of 63-bit integers, costs a fraction of that. Hidden-state dropouts are `CheapDropout` modules; attention-probability dropout goes
-through an attention function registered with transformers (`ATTENTION`), plain matmuls as "eager".
+On CPU, `nn.Dropout` draws one Bernoulli variable per element on one thread, which cost MiniLM's bf16
+training step about 40 % of its throughput. At drop rate p the dropped positions of an i.i.d. Bernoulli(p)
+sequence are the partial sums of geometric gaps, so drawing those gaps takes p·n random numbers instead of n,
+and the dropout itself is one scaled copy with zeros written at those positions (forward and backward),
+keeping the positions (not a mask) for the backward pass. Hidden-state dropouts are `CheapDropout` modules;
+attention-probability dropout goes through an attention function registered with transformers
+(`ATTENTION`), plain matmuls as "eager". Off the CPU (where fused dropout kernels exist) a plain mask is used.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
 ATTENTION = "fedslip_eager"
-LEVELS = 2**15
+SPARE_SIGMAS = 6  # gaps drawn beyond the expected number, in standard deviations; more are drawn if short
 
 
-def kept_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
-    """A keep-mask for `x` at drop rate ≈ p (1.0 kept, 0.0 dropped, in x's dtype), and the 1/(1-p) that keeps
-    the expectation."""
-    cut = round(p * LEVELS)
-    if cut >= LEVELS:
-        return torch.zeros_like(x), 0.0
-    levels = random_levels(x.numel(), x.device).view(x.shape)
-    # 1 where level ≥ cut, else 0, by int16 arithmetic (an arithmetic shift of level − cut), made in x's
-    # dtype: on CPU, multiplying by a bool mask or converting one costs several times more
-    kept = levels.sub_(cut).bitwise_right_shift_(15).add_(1).to(x.dtype)
-    return kept, 1.0 / (1.0 - cut / LEVELS)
+def drop_positions(n: int, p: float, device: torch.device, first: int | None = None) -> torch.Tensor:
+    """The sorted positions in [0, n) that an i.i.d. Bernoulli(p) draw per position drops, from torch's
+    seeded generator: geometric gaps floor(log(1 − U) / log(1 − p)) + 1, summed. `first`: how many gaps to
+    draw at first (tests; by default the expected number plus SPARE_SIGMAS standard deviations)."""
+    if p <= 0 or n == 0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    if p >= 1:
+        return torch.arange(n, device=device)
+    rate = -math.log1p(-p)
+    mean = n * p
+    want = first or int(mean + SPARE_SIGMAS * math.sqrt(mean * (1 - p))) + 16
+    parts, last = [], -1  # `last`: the position of the last drop so far
+    while True:
+        gaps = torch.rand(want, device=device).neg_().log1p_().div_(-rate).to(torch.int64).add_(1)
+        ends = gaps.cumsum_(0).add_(last)
+        inside = int(torch.searchsorted(ends, n))
+        parts.append(ends[:inside])
+        if inside < want:
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+        last = int(ends[-1])
+        want = int((n - last) * p + SPARE_SIGMAS * math.sqrt(max(n - last, 1) * p)) + 16
 
 
-def random_levels(n: int, device: torch.device) -> torch.Tensor:
-    """n uniform integers in [0, LEVELS): four from each 63-bit draw, about 3× cheaper than n 15-bit draws."""
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()
-    return words.view(torch.int16)[:n] & (LEVELS - 1)
+class _ZeroAt(torch.autograd.Function):
+    """x · scale with zeros at flat positions `at` (x's elements in row-major order); the gradient the same."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, at: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(at)
+        ctx.scale = scale
+        return _scaled_zeroed(x, at, scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (at,) = ctx.saved_tensors
+        return _scaled_zeroed(grad, at, ctx.scale), None, None
+
+
+def _scaled_zeroed(x: torch.Tensor, at: torch.Tensor, scale: float) -> torch.Tensor:
+    y = (x.mul(scale) if scale != 1.0 else x.clone(memory_format=torch.contiguous_format)).contiguous()
+    return y.view(-1).index_fill_(0, at, 0).view(x.shape)
+
+
+def dropped(x: torch.Tensor, p: float, scale: float) -> torch.Tensor:
+    """x with each element zeroed with probability p, the rest multiplied by `scale`."""
+    if x.device.type == "cpu":
+        return _ZeroAt.apply(x, drop_positions(x.numel(), p, x.device), scale)
+    return dropped_by_mask(x, p, scale)
+
+
+def dropped_by_mask(x: torch.Tensor, p: float, scale: float) -> torch.Tensor:
+    """The same with a mask from one uniform draw per element: off the CPU, where those draws are cheap."""
+    return x * (torch.rand_like(x, dtype=torch.float32) >= p).to(x.dtype) * scale
 
 
 def cheap_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     if not training or p <= 0:
         return x
-    kept, scale = kept_mask(x, p)
-    return x.mul(kept).mul_(scale)
+    return x * 0 if p >= 1 else dropped(x, p, 1.0 / (1.0 - p))
 
 
 class CheapDropout(nn.Module):
