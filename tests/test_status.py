@@ -31,6 +31,9 @@ def test_status_reads_rounds_time_and_the_last_evaluated_round(tmp_path, capsys)
     assert main(["run", "--method", "fedavg", "--quiet", "--out", str(out), *sets()]) == 0
     capsys.readouterr()
     done = out / "state" / "fedavg.safetensors"
+    with safe_open(str(done), framework="pt") as f:  # the run timed each of its rounds
+        timed = json.loads(f.metadata()["fedslip"])["round_seconds"]
+    assert sorted(timed) == ["1", "2"] and all(t > 0 for t in timed.values())
     seed_dir = out / "seed-7" / "state"  # a multi-seed folder's checkpoints are found too
     seed_dir.mkdir(parents=True)
     shutil.copy(done, seed_dir / "fedavg.safetensors")
@@ -44,14 +47,32 @@ def test_status_reads_rounds_time_and_the_last_evaluated_round(tmp_path, capsys)
 
     rewrite(done, known_accuracies)
     # the seed-7 copy: unfinished after its first round, as after a crash in round 2
-    rewrite(seed_dir / "fedavg.safetensors",
-            lambda meta: {"finished": False, "rounds": meta["rounds"][:1], "wall_time_s": 600.0})
+    rewrite(seed_dir / "fedavg.safetensors", lambda meta: {"finished": False, "rounds": meta["rounds"][:1],
+                                                           "wall_time_s": 600.0, "round_seconds": {}})
 
     assert main(["status", str(out)]) == 0
     finished, unfinished = rows(capsys.readouterr().out)
     assert finished[:4] == ["fedavg", "0", "2/2", "finished"] and finished[4:6] == ["2.0 h", "—"]
     assert finished[7:] == ["2", "75.0", "55.0", "75.0", "—"]  # round 2's global, mean client, mean synced
     assert unfinished[2:6] == ["1/2", "unfinished", "10 min", "≈ 10 min"]  # 600 s a round, one to go
+    # with its round timed (a pause made the run's wall time longer than the round): the round's pace
+    rewrite(seed_dir / "fedavg.safetensors", lambda meta: {"round_seconds": {"1": 300.0}})
+    assert main(["status", str(out)]) == 0
+    assert rows(capsys.readouterr().out)[1][4:6] == ["10 min", "≈ 5 min"]
+
+
+def test_time_left_follows_the_median_pace_of_recent_rounds():
+    """Per cost unit: the recent rounds' median pace, so one round slowed by a pause does not move it;
+    without per-round times, the whole run's pace."""
+    from fedslip.run_status import time_left
+
+    costs = [1, 1, 2, 2, 2, 2, 2]
+    seconds = {"1": 100.0, "2": 100.0, "3": 200.0, "4": 9000.0}  # round 4 ran through a pause
+    assert time_left(10_000.0, 4, costs, seconds) == 100.0 * 6  # paces 100, 100, 100, 4500: median 100
+    assert time_left(10_000.0, 4, costs, {**seconds, "5": 10.0, "6": 10.0}) == 100.0 * 6  # later rounds ignored
+    assert time_left(10_000.0, 4, costs) == 10_000.0 / 6 * 6
+    recent = {str(r): (50.0 if r > 4 else 1e6) * costs[r - 1] for r in range(1, 8)}  # only the last 5 count
+    assert time_left(0.0, 7, costs + [2, 2], recent) == 50.0 * 4
 
 
 def test_status_of_a_folder_without_checkpoints_is_one_line(tmp_path, capsys):

@@ -25,10 +25,22 @@ def _mean(values: list[float] | None) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def time_left(wall: float, done: int, costs: list[float]) -> float:
-    """At the pace so far, with each round weighted by its cost (`Method.round_cost`: FedSLIP's rounds with
-    private steps cost twice its warmup rounds)."""
-    return wall / sum(costs[:done]) * sum(costs[done:])
+RECENT = 5  # rounds whose pace predicts the rest
+
+
+def time_left(wall: float, done: int, costs: list[float], round_seconds: dict[str, float] | None = None) -> float:
+    """The rounds to go, each weighted by its cost (`Method.round_cost`: FedSLIP's rounds with private steps
+    cost twice its warmup rounds), at the median pace of the last RECENT timed rounds: a round that ran
+    beside other work, or through a pause, does not move it. Checkpoints without per-round times (older
+    versions) use the pace of the whole run so far."""
+    timed = sorted((int(r), t) for r, t in (round_seconds or {}).items() if int(r) <= done)[-RECENT:]
+    if timed:
+        paces = sorted(t / costs[r - 1] for r, t in timed)
+        half = len(paces) // 2
+        pace = paces[half] if len(paces) % 2 else (paces[half - 1] + paces[half]) / 2
+    else:
+        pace = wall / sum(costs[:done])
+    return pace * sum(costs[done:])
 
 
 def describe(path: Path) -> dict:
@@ -42,7 +54,8 @@ def describe(path: Path) -> dict:
     return {
         "method": cfg["method"]["name"], "seed": cfg["train"]["seed"], "done": done, "total": total,
         "finished": bool(meta.get("finished")), "wall_s": wall,
-        "left_s": None if meta.get("finished") or done == 0 else time_left(wall, done, meta.get("round_costs") or [1.0] * total),
+        "left_s": None if meta.get("finished") or done == 0 else time_left(
+            wall, done, meta.get("round_costs") or [1.0] * total, meta.get("round_seconds")),
         "precision": f"{meta['fingerprint']['device']}, {meta['fingerprint']['precision']}",
         "eval_round": last.get("round"), "global": last.get("global_acc"),
         "client": _mean(last.get("client_acc")), "synced": _mean(last.get("personal_acc")),
@@ -64,7 +77,7 @@ def report(folder: Path) -> str:
         raise UserError(f"{folder}: no checkpoint here (state/<method>.safetensors); it is not a run's --out "
                         "folder, or its first round has not finished")
     rows = [describe(p) for p in paths]
-    header = ("| method | seed | rounds | state | wall | left, at the pace so far | device | evaluated round "
+    header = ("| method | seed | rounds | state | wall | left, at the recent rounds' pace | device | evaluated round "
               "| global | client, global model | personal, synced | personal, persistent |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:

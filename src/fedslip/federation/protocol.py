@@ -84,6 +84,7 @@ class RoundProtocol:
         self.aggregation = strategy_aggregation(method)
         self.pending: RoundRecord | None = None  # a round awaiting its evaluation
         self.kstep: dict[int, float] = {}
+        self.round_seconds: dict[int, float] = {}  # each round's wall time (for `fedslip status`'s pace)
         self.current_round = 0
         self.global_test_everywhere = False  # every client scores the global test set it may hold
 
@@ -240,7 +241,9 @@ class RoundProtocol:
             bar.advance()
         shown = None
         for rnd in range(len(result.rounds) + 1, rounds + 1):
+            began = time.perf_counter()
             record = self.run_round(rnd)
+            self.round_seconds[rnd] = time.perf_counter() - began
             result.rounds.append(record)
             if checkpoint is not None and (rnd % self.cfg.train.checkpoint_every == 0 or rnd == rounds):
                 self.save(checkpoint, result, done_before + time.perf_counter() - start)
@@ -267,7 +270,9 @@ class RoundProtocol:
         meta = {"fingerprint": fingerprint(self.prep, self.method.name), "finished": finished,
                 "rounds": rounds_to_json(result.rounds), "ledger": ledger_to_json(self.ledger),
                 "pending": self.pending.round if self.pending else None, "kstep": self.kstep,
-                "wall_time_s": wall_time_s, "round_costs": self.round_costs(), "compute": compute_kind(self.prep.backbone.placement.device),
+                "wall_time_s": wall_time_s, "round_costs": self.round_costs(),
+                "round_seconds": {str(r): t for r, t in self.round_seconds.items() if r <= len(result.rounds)},
+                "compute": compute_kind(self.prep.backbone.placement.device),
                 "transport": getattr(self.transport, "checkpoint_meta", dict)()}
         if finished:
             meta["result"] = {"clients": [asdict(c) for c in result.clients], "final": result.final}
@@ -287,6 +292,7 @@ class RoundProtocol:
         rounds = rounds_from_json(meta["rounds"])
         self.pending = next((r for r in rounds if r.round == meta["pending"]), None)
         self.kstep = {int(k): v for k, v in meta["kstep"].items()}
+        self.round_seconds = {int(r): t for r, t in meta.get("round_seconds", {}).items()}
         if self.aggregation is not None:
             self.aggregation.restore(meta["server"], meta.get("strategy_state", {}))
         if hasattr(self.transport, "restore_meta"):
