@@ -22,8 +22,9 @@ SPARE_SIGMAS = 6  # gaps drawn beyond the expected number, in standard deviation
 
 def drop_positions(n: int, p: float, device: torch.device, first: int | None = None) -> torch.Tensor:
     """The sorted positions in [0, n) that an i.i.d. Bernoulli(p) draw per position drops, from torch's
-    seeded generator: geometric gaps floor(log(1 − U) / log(1 − p)) + 1, summed. `first`: how many gaps to
-    draw at first (tests; by default the expected number plus SPARE_SIGMAS standard deviations)."""
+    seeded generator: geometric gaps floor(log(1 − U) / log(1 − p)) + 1, summed. U is a float32 in [0, 1),
+    so gaps rarer than 2^-24 are cut short. `first`: how many gaps to draw at first (tests; by default the
+    expected number plus SPARE_SIGMAS standard deviations)."""
     if p <= 0 or n == 0:
         return torch.empty(0, dtype=torch.int64, device=device)
     if p >= 1:
