@@ -170,8 +170,8 @@ import resource, sys, torch
 if sys.argv[1] == "keep":
     from fedslip.model.cpu_heap import keep_freed_memory
     print(keep_freed_memory(), file=sys.stderr)
-for step in range(12):  # 64 MiB allocated and freed, as a training step's activations are
-    if step == 8:
+for step in range(24):  # 64 MiB allocated and freed, as a training step's activations are
+    if step == 16:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.ones(16 << 20).sum()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -181,11 +181,13 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
 def test_cpu_runs_keep_freed_memory_instead_of_page_faulting():
     """Without the setting each fresh 64 MiB block is a new mmap (16,384 page faults) on every step; with it,
-    the heap grows for the first few steps and is then reused."""
+    the heap grows for the first few steps and is then reused (under load it sometimes grows once or twice
+    more: at most a quarter of the measured steps' blocks may be fresh)."""
     def faults(mode: str) -> int:
         done = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, check=True)
         return int(done.stdout.strip())
 
-    assert faults("default") > 4 * 8000
-    assert faults("keep") < 2000
+    fresh_every_step = faults("default")
+    assert fresh_every_step > 8 * 16384 * 0.9  # the 8 measured steps
+    assert faults("keep") < fresh_every_step / 4
     assert resolve("cpu", "fp32").info["freed_memory"].startswith("kept")
