@@ -183,6 +183,8 @@ def test_drop_positions_are_a_bernoulli_draw_per_position():
     assert abs(float(per_position.mean()) - p) < 0.002
     for block in (per_position[:50], per_position[475:525], per_position[-50:]):
         assert abs(float(block.mean()) - p) < 0.004
+    for edge in (per_position[0], per_position[1], per_position[-1]):  # the first and last positions too
+        assert abs(float(edge) - p) < 0.03
     gaps = drop_positions(2_000_000, p, torch.device("cpu")).diff().float()  # ~200,000 gaps, mean 1/p
     assert abs(float((gaps == 1).float().mean()) - p) < 0.003  # the next one dropped too: probability p
     assert abs(float(gaps.mean()) - 1 / p) < 0.1 and abs(float((gaps > 30).float().mean()) - (1 - p) ** 30) < 0.003
@@ -197,20 +199,25 @@ def test_drop_positions_are_a_bernoulli_draw_per_position():
 
 
 @pytest.mark.parametrize("path", ["positions", "mask"])
-def test_dropout_zeroes_the_same_elements_forward_and_backward(path):
-    """The dropout's gradient is `scale` where the forward kept an element and 0 where it dropped one, for
-    a non-contiguous input too; the mask path (used off the CPU) is run here on CPU tensors."""
+@pytest.mark.parametrize("scale", [1 / 0.75, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_zeroes_the_same_elements_forward_and_backward(path, scale, dtype):
+    """The dropout's gradient is `scale` times the incoming one where the forward kept an element and 0
+    where it dropped one, for a non-contiguous input and a non-contiguous incoming gradient, without
+    touching either; the mask path (used off the CPU) is run here on CPU tensors."""
     from fedslip.model import cheap_dropout as cd
 
     drop = cd.dropped if path == "positions" else cd.dropped_by_mask
     torch.manual_seed(1)
-    x = torch.randn(40, 30).t().requires_grad_()  # non-contiguous
-    y = drop(x, 0.25, 1 / 0.75)
-    weights = torch.randn(30, 40)
-    (y * weights).sum().backward()
+    x = torch.randn(40, 30).to(dtype).t().requires_grad_()  # non-contiguous
+    before = x.detach().clone()
+    y = drop(x, 0.25, scale)
+    weights = torch.randn(40, 30).to(dtype)
+    (y.t() * weights).sum().backward()  # y's gradient arrives as weights.t(): non-contiguous
     kept = y != 0
     assert abs(float(kept.float().mean()) - 0.75) < 0.06
-    torch.testing.assert_close(y[kept], x.detach()[kept] / 0.75)
-    torch.testing.assert_close(x.grad[kept], weights[kept] / 0.75)
+    assert torch.equal(x.detach(), before)
+    torch.testing.assert_close(y[kept], (before * scale)[kept])
+    torch.testing.assert_close(x.grad[kept], (weights.t() * scale)[kept])
     assert bool((x.grad[~kept] == 0).all())
     assert torch.equal(cd.cheap_dropout(x, 0.25, False), x)

@@ -58,9 +58,11 @@ def assert_same_outputs(a: Path, b: Path, methods: list[str]) -> None:
     rows = [[{k: v for k, v in r.items() if k != "wall_time_s"}
              for r in csv.DictReader(io.StringIO((d / "comparison.csv").read_text()))] for d in (a, b)]
     assert rows[0] == rows[1]
-    for m in methods:  # the final states, bit for bit
-        (ga, ca, _), (gb, cb, _) = load(path_for(a, m)), load(path_for(b, m))
+    for m in methods:  # the final states, bit for bit; every round's wall time, the resumed run's earlier ones too
+        (ga, ca, ma), (gb, cb, mb) = load(path_for(a, m)), load(path_for(b, m))
         assert set(ga) == set(gb) and all(torch.equal(ga[n], gb[n]) for n in ga)
+        every_round = sorted(str(r) for r in range(1, len(ma["rounds"]) + 1))
+        assert sorted(ma["round_seconds"]) == sorted(mb["round_seconds"]) == every_round
         for sa, sb in zip(ca, cb):
             assert set(sa.tensors) == set(sb.tensors)
             assert all(torch.equal(sa.tensors[n], sb.tensors[n]) for n in sa.tensors)

@@ -31,7 +31,8 @@ RECENT = 5  # rounds whose pace predicts the rest
 def time_left(wall: float, done: int, costs: list[float], round_seconds: dict[str, float] | None = None) -> float:
     """The rounds to go, each weighted by its cost (`Method.round_cost`: FedSLIP's rounds with private steps
     cost twice its warmup rounds), at the median pace of the last RECENT timed rounds: a round that ran
-    beside other work, or through a pause, does not move it. Checkpoints without per-round times (older
+    beside other work, or through a pause, does not move it. A round's time is its own work (training, the
+    previous round's evaluation), not the checkpoint saves. Checkpoints without per-round times (older
     versions) use the pace of the whole run so far."""
     timed = sorted((int(r), t) for r, t in (round_seconds or {}).items() if int(r) <= done)[-RECENT:]
     if timed:

@@ -6,7 +6,8 @@ sequence are the partial sums of geometric gaps, so drawing those gaps takes p·
 and the dropout itself is one scaled copy with zeros written at those positions (forward and backward),
 keeping the positions (not a mask) for the backward pass. Hidden-state dropouts are `CheapDropout` modules;
 attention-probability dropout goes through an attention function registered with transformers
-(`ATTENTION`), plain matmuls as "eager". Off the CPU (where fused dropout kernels exist) a plain mask is used.
+(`ATTENTION`), plain matmuls as "eager"; both are swapped in on CPU only. Off the CPU, LoRA's dropout uses
+a plain mask (one uniform draw per element, cheap there).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def drop_positions(n: int, p: float, device: torch.device, first: int | None = N
     want = first or int(mean + SPARE_SIGMAS * math.sqrt(mean * (1 - p))) + 16
     parts, last = [], -1  # `last`: the position of the last drop so far
     while True:
-        gaps = torch.rand(want, device=device).neg_().log1p_().div_(-rate).to(torch.int64).add_(1)
+        gaps = torch.rand(want, dtype=torch.float32, device=device).neg_().log1p_().div_(-rate).to(torch.int64).add_(1)
         ends = gaps.cumsum_(0).add_(last)
         inside = int(torch.searchsorted(ends, n))
         parts.append(ends[:inside])
@@ -60,7 +61,11 @@ class _ZeroAt(torch.autograd.Function):
 
 
 def _scaled_zeroed(x: torch.Tensor, at: torch.Tensor, scale: float) -> torch.Tensor:
-    y = (x.mul(scale) if scale != 1.0 else x.clone(memory_format=torch.contiguous_format)).contiguous()
+    if not x.is_contiguous():
+        y = x.contiguous()  # a fresh copy: scaled in place
+        y = y.mul_(scale) if scale != 1.0 else y
+    else:
+        y = x.mul(scale) if scale != 1.0 else x.clone()
     return y.view(-1).index_fill_(0, at, 0).view(x.shape)
 
 
@@ -73,7 +78,8 @@ def dropped(x: torch.Tensor, p: float, scale: float) -> torch.Tensor:
 
 def dropped_by_mask(x: torch.Tensor, p: float, scale: float) -> torch.Tensor:
     """The same with a mask from one uniform draw per element: off the CPU, where those draws are cheap."""
-    return x * (torch.rand_like(x, dtype=torch.float32) >= p).to(x.dtype) * scale
+    kept = (torch.rand_like(x, dtype=torch.float32) >= p).to(x.dtype)
+    return x * kept if scale == 1.0 else x * kept * scale
 
 
 def cheap_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
