@@ -7,7 +7,9 @@ The same model and step as `throughput.py` (batch 32 × 56 tokens, fixed, so one
 step; real runs' length-bucketed batches would recompile per length). Compiles once, then alternates eager
 and compiled timings, so that drifts of a shared machine hit both. `--native-dropout` compiles a second
 model whose backbone has `nn.Dropout` and SDPA attention instead of our cheap masks and eager attention, so
-that inductor can draw the random numbers inside its fused kernels; eager stays ours.
+that inductor can draw the random numbers inside its fused kernels; eager stays ours. Without it, the
+compiled model keeps our dropout, whose positions have a data-dependent count: the graph breaks at each
+dropout, and inductor compiles the pieces between them.
 """
 
 from __future__ import annotations

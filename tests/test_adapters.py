@@ -195,7 +195,6 @@ def test_drop_positions_are_a_bernoulli_draw_per_position():
     assert torch.equal(drop_positions(100_000, p, torch.device("cpu")), short)
     assert not torch.equal(drop_positions(100_000, p, torch.device("cpu"))[:100], short[:100])  # fresh draws differ
     assert drop_positions(10, 0.0, torch.device("cpu")).numel() == 0
-    assert torch.equal(drop_positions(10, 1.0, torch.device("cpu")), torch.arange(10))
 
 
 @pytest.mark.parametrize("path", ["positions", "mask"])
@@ -221,3 +220,14 @@ def test_dropout_zeroes_the_same_elements_forward_and_backward(path, scale, dtyp
     torch.testing.assert_close(x.grad[kept], (weights.t() * scale)[kept])
     assert bool((x.grad[~kept] == 0).all())
     assert torch.equal(cd.cheap_dropout(x, 0.25, False), x)
+
+
+def test_cheap_dropout_at_p_one_drops_everything_as_nn_dropout_does():
+    """A backbone's own config may say p = 1 (ours reject it): everything dropped, no gradient through."""
+    from fedslip.model.cheap_dropout import cheap_dropout
+
+    x = torch.randn(7, 5, requires_grad=True)
+    y = cheap_dropout(x, 1.0, True)
+    assert torch.equal(y, torch.nn.functional.dropout(x, 1.0, True))
+    y.sum().backward()
+    assert bool((x.grad == 0).all())

@@ -64,7 +64,7 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float, generator: torch.Gener
 class LoRADropout(nn.Module):
     """LoRA's dropout on a layer's input, as PEFT, drawn as `cheap_dropout` draws. Returns the input with
     its dropped elements zeroed and the 1/(1-p) to fold into the LoRA output's scale, so the input is not
-    rescaled."""
+    rescaled. p < 1: the config rejects more."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -73,8 +73,6 @@ class LoRADropout(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         if not (self.training and self.p > 0):
             return x, 1.0
-        if self.p >= 1:
-            return x * 0, 0.0
         return dropped(x, self.p, 1.0), 1.0 / (1.0 - self.p)
 
 

@@ -22,14 +22,12 @@ SPARE_SIGMAS = 6  # gaps drawn beyond the expected number, in standard deviation
 
 
 def drop_positions(n: int, p: float, device: torch.device, first: int | None = None) -> torch.Tensor:
-    """The sorted positions in [0, n) that an i.i.d. Bernoulli(p) draw per position drops, from torch's
-    seeded generator: geometric gaps floor(log(1 − U) / log(1 − p)) + 1, summed. U is a float32 in [0, 1),
+    """The sorted positions in [0, n) that an i.i.d. Bernoulli(p) draw per position drops (0 ≤ p < 1), from
+    torch's seeded generator: geometric gaps floor(log(1 − U) / log(1 − p)) + 1, summed. U is a float32 in [0, 1),
     so gaps rarer than 2^-24 are cut short. `first`: how many gaps to draw at first (tests; by default the
     expected number plus SPARE_SIGMAS standard deviations)."""
     if p <= 0 or n == 0:
         return torch.empty(0, dtype=torch.int64, device=device)
-    if p >= 1:
-        return torch.arange(n, device=device)
     rate = -math.log1p(-p)
     mean = n * p
     want = first or int(mean + SPARE_SIGMAS * math.sqrt(mean * (1 - p))) + 16
@@ -70,7 +68,7 @@ def _scaled_zeroed(x: torch.Tensor, at: torch.Tensor, scale: float) -> torch.Ten
 
 
 def dropped(x: torch.Tensor, p: float, scale: float) -> torch.Tensor:
-    """x with each element zeroed with probability p, the rest multiplied by `scale`."""
+    """x with each element zeroed with probability p (0 ≤ p < 1), the rest multiplied by `scale`."""
     if x.device.type == "cpu":
         return _ZeroAt.apply(x, drop_positions(x.numel(), p, x.device), scale)
     return dropped_by_mask(x, p, scale)
@@ -83,6 +81,7 @@ def dropped_by_mask(x: torch.Tensor, p: float, scale: float) -> torch.Tensor:
 
 
 def cheap_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """nn.Dropout's function; the one place p ≥ 1 can arrive (a backbone's own config; ours reject it)."""
     if not training or p <= 0:
         return x
     return x * 0 if p >= 1 else dropped(x, p, 1.0 / (1.0 - p))
