@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -107,6 +108,13 @@ def test_label_outside_class_range(tmp_path, capsys):
     (["run", "--preset", "huge"], "preset"),
     (["run", "--config", "missing.toml"], "missing.toml"),
     (["run", "--bogus-flag"], "bogus"),
+    (["run", "--set", "train.rounds=1_000_000_000_000"], "train.rounds"),
+    (["run", "--set", "train.seed=-1"], "train.seed"),
+    (["run", "--set", "train.lr=inf"], "train.lr"),
+    (["run", "--set", "train.failures=[[99, 1]]"], "train.failures"),
+    (["compare", "--methods", "fedavg,fedavg"], "more than once"),
+    (["compare", "--methods", "fedavg", "--set", "by_method.fedavgg.train={lr=0.1}"], "by_method.fedavgg"),
+    (["run", "--seeds", ""], "--seeds"),
 ])
 def test_bad_arguments(tmp_path, capsys, argv, needle):
     assert needle in bad(tmp_path, capsys, argv)
@@ -125,7 +133,7 @@ def test_n_train_larger_than_ag_news_pool(tmp_path, capsys):
 def test_console_script_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fedslip.cli", "run", "--set", "train.rounds=0"],
                           capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 2 and proc.stderr.strip() == "fedslip: error: train.rounds = 0: must be >= 1"
+    assert proc.returncode == 2 and proc.stderr.strip() == "fedslip: error: train.rounds = 0: must be in [1, 100,000]"
     assert not list(tmp_path.iterdir())
 
 
@@ -188,3 +196,69 @@ def test_bad_seeds_are_one_line_and_exit_2(tmp_path, capsys, spec):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--seeds" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_an_empty_out_or_one_under_a_file_is_one_line_and_writes_nothing(tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    for out in ("", str(blocker / "sub")):
+        assert main(["run", "--quiet", "--out", out, *sets()]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("fedslip: error: --out"), err
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"] and blocker.read_text() == "x"
+
+
+def test_a_second_run_into_a_folder_in_use_stops_and_leaves_it_alone(tmp_path, capsys):
+    """The first run holds the folder from its start, before it has written anything."""
+    from fedslip.cli_common import LOCK, exclusive
+
+    out = tmp_path / "run"
+    with exclusive(out):  # as a first run, still in its first round, would
+        assert main(["run", "--quiet", "--out", str(out), *sets()]) == 2
+        err = capsys.readouterr().err
+        assert "in use by another fedslip run" in err and f"pid {os.getpid()}" in err
+        assert [p.name for p in out.iterdir()] == [LOCK]
+    assert not out.exists()  # the holder created it and wrote nothing into it: gone again
+    assert main(["run", "--quiet", "--out", str(out), *sets()]) == 0
+
+
+def test_outputs_get_the_mode_a_plain_open_gives(tmp_path):
+    """Files written to a temporary name and renamed are not left private (mkstemp makes them 0600)."""
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "run"
+        assert main(["run", "--quiet", "--out", str(out), *sets(["train.rounds=1"])]) == 0
+    finally:
+        os.umask(old)
+    for path in (out / "comparison.csv", out / "figure.png", out / "results.json", out / "state" / "fedslip.safetensors"):
+        assert path.stat().st_mode & 0o777 == 0o644, path
+
+
+def test_split_refuses_a_used_folder_and_prints_a_run_config_line_that_parses(tmp_path, capsys):
+    import tomllib
+
+    out = tmp_path / "clients"
+    argv = ["split", "--out", str(out), *sets()]
+    assert main(argv) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("run config: "))
+    toml = line.removeprefix("run config: ").replace(", overrides", "\noverrides")
+    overrides = tomllib.loads(toml)["overrides"]
+    names = tomllib.loads(overrides.replace("data.label_names=", "names = "))["names"]
+    assert len(names) >= 2 and all(isinstance(n, str) for n in names)
+    before = sorted(p.name for p in out.rglob("*"))
+    assert main(argv) == 2 and "not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in out.rglob("*")) == before
+
+
+def test_max_length_beyond_the_backbone_is_one_line(tmp_path, capsys):
+    from fedslip.model.backbone import load_backbone
+
+    limit = load_backbone("tiny-random:bert", 4, 0).model.config.max_position_embeddings
+    err = bad(tmp_path, capsys, ["run", *sets([f"model.max_length={limit + 1}"])])
+    assert "model.max_length" in err and str(limit) in err
+
+
+def test_methods_lists_whole_first_paragraphs(capsys):
+    assert main(["methods"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert lines["flora"].rstrip().endswith("heterogeneous-rank LoRAs.")

@@ -431,3 +431,9 @@ def test_ag_news_empty_text_dropped(tmp_path, capsys):
     assert data.train["text"][:] == [f"{t} {d}" for _, t, d in AG_ROWS]
     lines = warnings_of(capsys)  # the second row spans lines 3-4, so the empty one is line 5
     assert len(lines) == 2 and lines[0].endswith("train.csv: 1 row with empty text dropped (first at line 5)")
+
+
+def test_an_empty_csv_file_says_so(tmp_path):
+    (tmp_path / "train.csv").write_text("")
+    with pytest.raises(UserError, match="empty file"):
+        sources.read_csv_rows(tmp_path / "train.csv", ["text", "label"])

@@ -352,3 +352,31 @@ def test_minilm_export_loads_in_plain_transformers_and_peft(tmp_path, monkeypatc
     base = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=4)
     gap, acc = compare(ref, PeftModel.from_pretrained(base, str(folder)).eval())
     assert gap <= TOL and acc == ref.recorded_accuracy()
+
+
+def test_export_takes_the_class_names_from_the_checkpoint_not_the_data(tmp_path, capsys):
+    """The run's CSV files are gone (another machine, another folder): the names came with the checkpoint."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, n in (("train", 120), ("test", 60)):
+        rows = [f"text number {i} {'yes' if i % 2 else 'no'},{'pos' if i % 2 else 'neg'}" for i in range(n)]
+        (data / f"{split}.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+    run = tmp_path / "run"
+    csv_sets = ['data.source="csv"', f'data.train_file="{data}/train.csv"', f'data.test_file="{data}/test.csv"',
+                'partition.scheme="iid"', "partition.n_train=20", "partition.n_test=10", "partition.n_global_test=5"]
+    assert main(["run", "--method", "fedavg", "--quiet", "--out", str(run),
+                 *argv([*SETS, "train.rounds=1", "method.kstep=false", *csv_sets])]) == 0
+    for f in data.iterdir():
+        f.unlink()
+    assert main(["export", str(run), "--global", "--out", str(tmp_path / "x")]) == 0
+    assert json.loads((tmp_path / "x" / "fedslip.json").read_text())["label_names"] == ["neg", "pos"]
+    capsys.readouterr()
+    rc = main(["export", str(run), "--global", "--label-names", "a,b,c", "--out", str(tmp_path / "y")])
+    assert "3 names for the run's 2 classes" in one_line_error(capsys, rc)
+    assert not (tmp_path / "y").exists()
+
+
+def test_predict_out_under_a_file_is_one_line(client_export, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    rc = main(["predict", str(client_export), "--text", "hello", "--out", str(tmp_path / "afile" / "p.csv")])
+    assert "cannot be created" in one_line_error(capsys, rc)

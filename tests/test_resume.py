@@ -139,3 +139,68 @@ def test_a_run_with_a_stateful_flower_strategy_resumes_exactly(tmp_path):
     assert any(n.startswith("m_t/") for n in load(path_for(out, "fedavg"))[2]["server"])
     assert fedslip(out, ["run", "--method", "fedavg"], strategy, resume=True)[0] == 0
     assert_same_outputs(out, whole, ["fedavg"])
+
+
+def csv_files(folder: Path, flip: bool = False) -> list[str]:
+    """A small two-class CSV dataset in `folder`; `flip` changes one training label."""
+    folder.mkdir(parents=True)
+    for split, n in (("train", 120), ("test", 60)):
+        rows = [f"{'good' if i % 2 else 'bad'} text number {i},{i % 2}" for i in range(n)]
+        if flip and split == "train":
+            rows[0] = rows[0][:-1] + "1"
+        (folder / f"{split}.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+    return [f'data.source="csv"', f'data.train_file="{folder}/train.csv"', f'data.test_file="{folder}/test.csv"',
+            "partition.scheme=\"iid\"", "partition.n_train=20", "partition.n_test=10", "partition.n_global_test=5",
+            "train.rounds=1"]
+
+
+def test_resume_reads_the_same_data_from_another_path_but_not_other_data(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert fedslip(out, ["run", "--method", "fedavg"], extra=csv_files(tmp_path / "a"))[0] == 0
+    before = (out / "rounds.csv").read_bytes()
+    moved = csv_files(tmp_path / "b")  # the same files, elsewhere (a run that moved machines)
+    assert fedslip(out, ["run", "--method", "fedavg"], extra=moved, resume=True, capsys=capsys)[0] == 0
+    assert (out / "rounds.csv").read_bytes() == before
+    other = csv_files(tmp_path / "c", flip=True)
+    code, err = fedslip(out, ["run", "--method", "fedavg"], extra=other, resume=True, capsys=capsys)
+    assert code == 2 and "data:" in err
+
+
+def test_checkpoints_without_a_data_digest_compare_resolved_paths():
+    from fedslip.federation.checkpoint import comparable, differences
+
+    def fp(path, digest):
+        return {"config": {"data": {"data_dir": path}, "train": {"precision": "auto", "device": "auto"}},
+                "data": digest, "precision": "fp32", "device": "cpu"}
+
+    old = fp("/x/ag_news/", None)
+    old.pop("data")
+    assert differences(*comparable(old, fp("/x/ag_news", "d1"))) == []
+    assert differences(*comparable(old, fp("/x/other", "d1")))
+    assert differences(*comparable(fp("/x/a", "d1"), fp("/y/b", "d1"))) == []  # digests: paths do not matter
+    assert differences(*comparable(fp("/x/a", "d1"), fp("/x/a", "d2")))
+
+
+def test_resume_keeps_the_precision_auto_chose_and_refuses_another(tmp_path, capsys, monkeypatch):
+    from fedslip.model import placement
+
+    out = tmp_path / "run"
+    assert fedslip(out, ["run", "--method", "fedavg"], extra=["train.rounds=1"])[0] == 0  # fp32 (TINY_SETS)
+    chose = []  # a probe here that would now choose bf16 must not be asked
+    monkeypatch.setattr(placement, "probe", lambda device: chose.append(device) or {"bf16_speedup": 9.0})
+    code, _ = fedslip(out, ["run", "--method", "fedavg"], extra=["train.rounds=1", 'train.precision="auto"'],
+                      resume=True, capsys=capsys)
+    assert code == 0 and chose == []
+    assert load(path_for(out, "fedavg"))[2]["fingerprint"]["precision"] == "fp32"
+    code, err = fedslip(out, ["run", "--method", "fedavg"], extra=["train.rounds=1", 'train.precision="bf16"'],
+                        resume=True, capsys=capsys)
+    assert code == 2 and "precision: 'fp32' in the checkpoint, 'bf16' now" in err
+
+
+def test_resume_refuses_to_drop_a_method_of_the_folder(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert fedslip(out, ["compare", "--methods", "fedavg,local"], extra=["train.rounds=1"])[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    code, err = fedslip(out, ["run", "--method", "fedavg"], extra=["train.rounds=1"], resume=True, capsys=capsys)
+    assert code == 2 and "local" in err and "--methods fedavg,local" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before

@@ -88,3 +88,19 @@ def test_status_of_a_corrupt_checkpoint_is_one_line(tmp_path, capsys):
     assert main(["status", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "unreadable" in err
+
+
+def test_status_of_a_comparison_under_way_lists_the_methods_still_to_come(tmp_path, capsys):
+    """A comparison killed after its first method: the second has no checkpoint yet, and is shown queued."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "cmp"
+    env = {**os.environ, "FEDSLIP_CRASH": "fedslip:1:train", "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "fedslip", "compare", "--methods", "fedavg,fedslip,local", "--quiet",
+                    "--out", str(out), *sets()], env=env, capture_output=True, timeout=600)
+    assert main(["status", str(out)]) == 0
+    table = {r[0]: r for r in rows(capsys.readouterr().out)}
+    assert table["fedavg"][3] == "finished"
+    assert table["fedslip"][3] == table["local"][3] == "queued" and table["local"][1] == "0"

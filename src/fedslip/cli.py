@@ -13,7 +13,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from fedslip.cli_common import Parser, add_common, check_out, config_from_args, method_list, out_dir
+from fedslip.cli_common import (Parser, add_common, check_out, config_from_args, exclusive, method_list, out_dir,
+                                toml_str)
 from fedslip.errors import UserError
 
 
@@ -47,19 +48,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _execute(args, methods: list[str], out: Path) -> int:
-    from rich.console import Console
-
     from fedslip.evaluation.goal import goal_rows
     from fedslip.evaluation.outputs import with_goal
-    from fedslip.evaluation.tables import comparison_rows, to_markdown
-    from fedslip.progress import for_terminal
+    from fedslip.evaluation.tables import to_markdown
 
     cfg = config_from_args(args, methods[0])
     if cfg.method.strategy != "method":
         _need_flower(cfg.method.strategy)
-    seeds = parse_seeds(args.seeds) if args.seeds else None
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     folders = {s: out / f"seed-{s}" for s in seeds} if seeds else {cfg.train.seed: out}
-    check_out(args, out, list(folders.values()))
+    with exclusive(out):
+        check_out(args, out, list(folders.values()))
+        per_seed = _seeds(args, cfg, methods, folders, seeds)
+        if seeds:
+            _write_seed_summary(out, per_seed, methods)
+    if not seeds:
+        rows = per_seed[cfg.train.seed]
+        print(with_goal(to_markdown(rows), goal_rows(rows)), end="")
+    return 0
+
+
+def _seeds(args, cfg, methods: list[str], folders: dict[int, Path], seeds: list[int] | None) -> dict[int, list[dict]]:
+    from rich.console import Console
+
+    from fedslip.evaluation.tables import comparison_rows
+    from fedslip.progress import for_terminal
+
     console = Console(stderr=True)
     per_seed = {}
     with for_terminal(args.quiet) as progress:
@@ -69,27 +83,27 @@ def _execute(args, methods: list[str], out: Path) -> int:
             seed_cfg = replace(cfg, train=replace(cfg.train, seed=seed))
             results = _compare(args, seed_cfg, methods, folder, console, progress)
             per_seed[seed] = comparison_rows(results)
-    if seeds:
-        _write_seed_summary(out, per_seed, methods)
-    else:
-        rows = per_seed[cfg.train.seed]
-        print(with_goal(to_markdown(rows), goal_rows(rows)), end="")
-    return 0
+    return per_seed
 
 
 def _compare(args, cfg, methods: list[str], out: Path, console, progress):
     """Every method on one split (one seed): outputs in `out`, checkpoints in `out`/state."""
     from fedslip.evaluation.outputs import write_outputs
+    from fedslip.federation import checkpoint
     from fedslip.federation.inprocess import Simulation
     from fedslip.methods import method_for
     from fedslip.prepare import prepare
 
     start = time.perf_counter()
+    if args.resume:  # an `auto` precision goes on as the checkpoint resolved it
+        kept = checkpoint.kept_precision([checkpoint.path_for(out, m) for m in methods], cfg.train.precision)
+        cfg = replace(cfg, train=replace(cfg.train, **kept))
     prep = prepare(cfg)
     console.print(f"data: {prep.data.description}; backbone: {prep.backbone.name} ({prep.backbone.source}); "
                   f"{len(prep.split.train)} clients, training on {[len(s) for s in prep.split.train]} examples")
     console.print(f"device: {describe_placement(prep.backbone.placement.info)}")
     paths = resumable(out, prep, methods)
+    checkpoint.write_plan(out, methods)
     runs = []
     for name in methods:  # the outputs after each method: a long comparison shows what is done as it goes
         method = method_for(replace(cfg, method=replace(cfg.method, name=name)))
@@ -139,13 +153,15 @@ def _split(args) -> int:
 
     cfg = config_from_args(args, None)
     out = out_dir(args, "runs/split")
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"--out {out}: exists and is not empty; choose another")
     data = load_data(cfg.data)
     split = make_split(data, cfg.partition, cfg.train.seed)
     with staged(out) as stage:
         write_client_files(data, split, stage)
-    names = ", ".join(f'"{n}"' for n in data.label_names)
+    names = ", ".join(f"'{n}'" if "'" not in n and "\n" not in n else toml_str(n) for n in data.label_names)
     print(f"wrote {out}/: client0..{len(split.train) - 1}/train.csv, test.csv, global_test.csv")
-    print(f"run config: node-data = true, overrides = \"data.label_names=[{names}]\"")
+    print(f"run config: node-data = true, overrides = {toml_str(f'data.label_names=[{names}]')}")
     print(f"node k: --node-config 'partition-id=k num-partitions={len(split.train)} "
           f"train-file=\"{out.resolve()}/clientk/train.csv\" test-file=\"{out.resolve()}/clientk/test.csv\"'")
     return 0
@@ -156,6 +172,11 @@ def resumable(out: Path, prep, methods: list[str]) -> dict[str, Path]:
     from fedslip.federation import checkpoint
 
     paths = {name: checkpoint.path_for(out, name) for name in methods}
+    left_out = [p.stem for p in checkpoint.existing(out) if p.stem not in paths]
+    if left_out:  # its results would vanish from the folder's tables, rewritten without it
+        raise UserError(f"{out} also holds the checkpoint of {', '.join(left_out)}, which this run leaves out: "
+                        f"list every method of the folder's run (--methods {','.join([*methods, *left_out])}), "
+                        "or choose another --out")
     for name, path in paths.items():
         if path.exists():
             checkpoint.check(path, prep, name)
@@ -194,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
 
             for name, cls in METHODS.items():
                 doc = cls.__doc__ or sys.modules[cls.__module__].__doc__ or ""
-                print(f"{name:18s} {(doc.strip().splitlines() or [''])[0]}")
+                print(f"{name:18s} {' '.join(doc.strip().split(chr(10) * 2)[0].split())}")  # its first paragraph
             return 0
         if args.command == "split":
             return _split(args)

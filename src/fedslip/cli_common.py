@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 from pathlib import Path
+from typing import Iterator
 
 from fedslip.errors import UserError
 
@@ -26,10 +29,16 @@ def add_common(p: argparse.ArgumentParser) -> None:
 def config_from_args(args, method: str | None):
     from fedslip.config import load_config
 
+    from fedslip.methods import METHODS
+
     sets = list(args.sets)
     if args.data_dir:
         sets.append(f"data.data_dir={toml_str(args.data_dir)}")
-    return load_config(args.config, args.preset, method, sets)
+    cfg = load_config(args.config, args.preset, method, sets)
+    unknown = sorted(set(cfg.by_method) - set(METHODS))
+    if unknown:
+        raise UserError(f"by_method.{unknown[0]}: no method of that name (known: {', '.join(METHODS)})")
+    return cfg
 
 
 def toml_str(s: str) -> str:
@@ -43,10 +52,15 @@ def method_list(spec: str) -> list[str]:
     unknown = [m for m in names if m not in METHODS]
     if unknown or not names:
         raise UserError(f"unknown method {', '.join(unknown) or spec!r} (known: {', '.join(METHODS)})")
+    twice = sorted({m for m in names if names.count(m) > 1})
+    if twice:
+        raise UserError(f"method {', '.join(twice)} listed more than once")
     return names
 
 
 def out_dir(args, default: str) -> Path:
+    if args.out is not None and not args.out.strip():
+        raise UserError("--out: empty; give a folder")
     out = Path(args.out or default)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
@@ -65,3 +79,42 @@ def check_out(args, out: Path, folders: list[Path] | None = None) -> None:
     if args.resume and not found:
         raise UserError(f"--resume: {out} holds no checkpoint ({out}/{checkpoint.STATE_DIR}/ is missing); "
                         "leave out --resume to start it")
+
+
+LOCK = ".fedslip.lock"
+
+
+@contextlib.contextmanager
+def exclusive(out: Path) -> Iterator[None]:
+    """Hold `out` for this process: a second fedslip run into the same folder, started before the first
+    wrote anything, would otherwise overwrite it unseen. The lock goes with the process (a killed run
+    leaves none). A folder created here that still holds nothing else at the end is removed again."""
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / LOCK, "a+", encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot be written ({e.strerror or e})") from None
+    try:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            fcntl = None
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "?"
+                raise UserError(f"{out} is in use by another fedslip run (pid {holder}): wait for it to end, or "
+                                "choose another --out") from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+        yield
+    finally:
+        handle.close()
+        if created and {p.name for p in out.iterdir()} <= {LOCK}:
+            (out / LOCK).unlink(missing_ok=True)
+            out.rmdir()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 from fedslip.errors import UserError
 
 DEFAULT_BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
+MAX_ROUNDS = 100_000  # far beyond any federation; keeps per-round bookkeeping bounded
 
 
 @dataclass
@@ -342,11 +344,12 @@ def validate(cfg: Config) -> None:
     need(cfg.model.backbone_dropout is None or 0 <= cfg.model.backbone_dropout < 1,
          f"model.backbone_dropout = {cfg.model.backbone_dropout}: must be in [0, 1)")
     need(cfg.model.max_length >= 8, f"model.max_length = {cfg.model.max_length}: must be >= 8")
-    need(t.rounds >= 1, f"train.rounds = {t.rounds}: must be >= 1")
+    need(1 <= t.rounds <= MAX_ROUNDS, f"train.rounds = {t.rounds}: must be in [1, {MAX_ROUNDS:,}]")
     need(t.local_epochs >= 1, f"train.local_epochs = {t.local_epochs}: must be >= 1")
     need(t.local_only_epochs >= 1, f"train.local_only_epochs = {t.local_only_epochs}: must be >= 1")
     need(t.batch_size >= 1, f"train.batch_size = {t.batch_size}: must be >= 1")
-    need(t.lr > 0, f"train.lr = {t.lr}: must be > 0")
+    need(0 < t.lr < math.inf, f"train.lr = {t.lr}: must be > 0 and finite")
+    need(t.seed >= 0, f"train.seed = {t.seed}: must be >= 0")
     need(t.local_steps is None or t.local_steps >= 1, f"train.local_steps = {t.local_steps}: must be >= 1")
     need(t.lr_schedule in ("constant", "cosine"), f"train.lr_schedule = {t.lr_schedule!r}: expected constant or cosine")
     need(t.weight_decay >= 0, f"train.weight_decay = {t.weight_decay}: must be >= 0")
@@ -360,8 +363,9 @@ def validate(cfg: Config) -> None:
     need(t.precision in ("auto", "fp32", "bf16"), f"train.precision = {t.precision!r}: expected auto, fp32 or bf16")
     need(t.checkpoint_every >= 1, f"train.checkpoint_every = {t.checkpoint_every}: must be >= 1")
     need(0 <= t.failure_rate < 1, f"train.failure_rate = {t.failure_rate}: must be in [0, 1)")
-    need(all(len(f) == 2 and f[0] >= 1 and 0 <= f[1] < p.n_clients for f in t.failures),
-         f"train.failures = {t.failures}: expected [round, client] pairs, round >= 1, client in [0, {p.n_clients})")
+    need(all(len(f) == 2 and 1 <= f[0] <= t.rounds and 0 <= f[1] < p.n_clients for f in t.failures),
+         f"train.failures = {t.failures}: expected [round, client] pairs, round in [1, {t.rounds}], "
+         f"client in [0, {p.n_clients})")
     need(t.max_update_norm is None or t.max_update_norm > 0,
          f"train.max_update_norm = {t.max_update_norm}: must be > 0")
     need(m.r_g >= 1, f"method.r_g = {m.r_g}: must be >= 1")

@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from fedslip.cli_common import exclusive
+
 
 def add_commands(sub, common) -> None:
     dep = sub.add_parser("deploy", help="run one method on a SuperLink + one SuperNode per client on 127.0.0.1")
@@ -49,6 +51,7 @@ def add_commands(sub, common) -> None:
 def _prepare_run(args, default_out: str):
     from fedslip.cli_common import check_out, config_from_args, method_list, out_dir, toml_str
     from fedslip.errors import UserError
+    from fedslip.federation import checkpoint
     from fedslip.federation.flower.deploy import run_config_for
 
     try:
@@ -62,6 +65,9 @@ def _prepare_run(args, default_out: str):
     sets = list(args.sets)
     if args.data_dir:
         sets.append(f"data.data_dir={toml_str(str(Path(args.data_dir).resolve()))}")
+    if args.resume:  # an `auto` precision goes on as the checkpoint resolved it, on every node
+        kept = checkpoint.kept_precision([checkpoint.path_for(out, method)], cfg.train.precision)
+        sets += [f"train.{key}={toml_str(value)}" for key, value in kept.items()]
     rc = run_config_for(args.preset, method, args.config, sets, out, getattr(args, "min_available", 0))
     rc["resume"] = bool(args.resume)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fedslip-flower-")).resolve()
@@ -80,13 +86,14 @@ def _deploy(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     cfg, rc, out, workdir = _prepare_run(args, "runs/deploy-{method}")
-    print(f"deploying {rc['method']}: SuperLink + {cfg.partition.n_clients} SuperNodes on 127.0.0.1 "
-          f"({'insecure' if args.insecure else 'TLS, SuperNode authentication'}); workdir {workdir}")
-    try:
-        deploy(rc, workdir, n_nodes=cfg.partition.n_clients, insecure=args.insecure, timeout=args.timeout)
-    except (RuntimeError, TimeoutError) as e:  # the run failed, not the input: exit 1, logs kept in workdir
-        return _failed(e, workdir)
-    return _report(out, workdir, start)
+    with exclusive(out):
+        print(f"deploying {rc['method']}: SuperLink + {cfg.partition.n_clients} SuperNodes on 127.0.0.1 "
+              f"({'insecure' if args.insecure else 'TLS, SuperNode authentication'}); workdir {workdir}")
+        try:
+            deploy(rc, workdir, n_nodes=cfg.partition.n_clients, insecure=args.insecure, timeout=args.timeout)
+        except (RuntimeError, TimeoutError) as e:  # the run failed, not the input: exit 1, logs kept in workdir
+            return _failed(e, workdir)
+        return _report(out, workdir, start)
 
 
 def _failed(error: Exception, workdir: Path) -> int:
@@ -100,22 +107,23 @@ def _failed(error: Exception, workdir: Path) -> int:
 def _flower(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     cfg, rc, out, workdir = _prepare_run(args, "runs/flower-{method}")
-    n = cfg.partition.n_clients
-    if args.runtime == "local":
-        from flwr.app import Context, RecordDict
+    with exclusive(out):
+        n = cfg.partition.n_clients
+        if args.runtime == "local":
+            from flwr.app import Context, RecordDict
 
-        from fedslip.federation.flower.app import client_app, server_app
-        from fedslip.federation.flower.local_grid import LocalGrid
+            from fedslip.federation.flower.app import client_app, server_app
+            from fedslip.federation.flower.local_grid import LocalGrid
 
-        nodes = [{"partition-id": k, "num-partitions": n, "state-dir": str(workdir / f"node{k}")} for k in range(n)]
-        grid = LocalGrid(client_app, nodes, rc, run_id=1, seed=cfg.train.seed)
-        server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc))
-    else:
-        try:
-            run_simulation(rc, workdir, n, cpus=args.cpus, gpus=args.gpus, timeout=args.timeout)
-        except (RuntimeError, TimeoutError) as e:
-            return _failed(e, workdir)
-    return _report(out, workdir, start)
+            nodes = [{"partition-id": k, "num-partitions": n, "state-dir": str(workdir / f"node{k}")} for k in range(n)]
+            grid = LocalGrid(client_app, nodes, rc, run_id=1, seed=cfg.train.seed)
+            server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc))
+        else:
+            try:
+                run_simulation(rc, workdir, n, cpus=args.cpus, gpus=args.gpus, timeout=args.timeout)
+            except (RuntimeError, TimeoutError) as e:
+                return _failed(e, workdir)
+        return _report(out, workdir, start)
 
 
 def run_simulation(rc: dict, workdir: Path, n_nodes: int, cpus: int = 2, gpus: float | None = None,

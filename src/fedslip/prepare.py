@@ -45,6 +45,9 @@ def _encode_used(dataset, groups: list[np.ndarray], backbone: Backbone, max_leng
 
 def _backbone(cfg: Config, num_classes: int) -> Backbone:
     backbone = load_backbone(cfg.model.backbone, num_classes, cfg.train.seed, cfg.model.backbone_dropout)
+    limit = getattr(backbone.model.config, "max_position_embeddings", None)
+    if limit and cfg.model.max_length > limit:
+        raise UserError(f"model.max_length = {cfg.model.max_length}: {backbone.name} reads at most {limit} tokens")
     backbone.placement = resolve(cfg.train.device, cfg.train.precision)
     return backbone
 

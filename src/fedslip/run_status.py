@@ -13,12 +13,26 @@ from fedslip.errors import UserError
 from fedslip.federation import checkpoint
 
 
+def run_folders(folder: Path) -> list[Path]:
+    """A run's or comparison's folder, and a multi-seed run's `seed-<s>/` folders."""
+    return [folder, *sorted(p for p in folder.glob("seed-*") if p.is_dir())]
+
+
 def checkpoints(folder: Path) -> list[Path]:
-    """The checkpoints of a run, a comparison or a multi-seed folder (`seed-<s>/`)."""
-    found = checkpoint.existing(folder)
-    for seed_dir in sorted(folder.glob("seed-*")):
-        found += checkpoint.existing(seed_dir)
-    return found
+    """The checkpoints of a run, a comparison or a multi-seed folder."""
+    return [p for f in run_folders(folder) for p in checkpoint.existing(f)]
+
+
+def queued(folder: Path) -> list[tuple[str, str]]:
+    """(method, seed) of each method a comparison will train that has no checkpoint yet."""
+    rows = []
+    for f in run_folders(folder):
+        started = {p.stem for p in checkpoint.existing(f)}
+        seed = f.name.removeprefix("seed-") if f.name.startswith("seed-") else None
+        if seed is None and started:
+            seed = str(describe(checkpoint.path_for(f, next(iter(started))))["seed"])
+        rows += [(m, seed or "—") for m in checkpoint.read_plan(f) if m not in started]
+    return rows
 
 
 def _mean(values: list[float] | None) -> float | None:
@@ -74,7 +88,8 @@ def _hours(seconds: float) -> str:
 
 def report(folder: Path) -> str:
     paths = checkpoints(folder)
-    if not paths:
+    waiting = queued(folder)
+    if not paths and not waiting:
         raise UserError(f"{folder}: no checkpoint here (state/<method>.safetensors); it is not a run's --out "
                         "folder, or its first round has not finished")
     rows = [describe(p) for p in paths]
@@ -87,4 +102,6 @@ def report(folder: Path) -> str:
         lines.append(f"| {r['method']} | {r['seed']} | {r['done']}/{r['total']} | {state} | {_hours(r['wall_s'])} "
                      f"| {left} | {r['precision']} | {r['eval_round'] or '—'} | {_pct(r['global'])} "
                      f"| {_pct(r['client'])} | {_pct(r['synced'])} | {_pct(r['persistent'])} |")
+    for method, seed in waiting:
+        lines.append(f"| {method} | {seed} | 0 | queued |" + " — |" * 8)
     return "\n".join(lines)

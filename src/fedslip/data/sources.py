@@ -220,6 +220,8 @@ def read_csv_rows(path: Path, columns: list[str], hint: str = CONFIG_HINT) -> li
     with too many, the tail of an unquoted text would be dropped. Extra fields that are all empty are fine."""
     records = _csv_records(path, _read_text(path))
     _, header = next(records, (0, []))
+    if not header:
+        raise UserError(f"{path}: empty file; expected a header row naming the columns, then data rows")
     _check_columns(path, columns, header, hint)
     rows = []
     for line, fields in records:

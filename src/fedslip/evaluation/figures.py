@@ -12,8 +12,6 @@ matplotlib backend is left alone.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
+from fedslip.atomic import atomic_file
 from fedslip.evaluation.records import MethodResult, RoundRecord
 
 _LINESTYLES = ["-", "--", ":", "-."]
@@ -334,14 +333,5 @@ def plot_results(results: Sequence[MethodResult], path: Path, title: str | None 
 
 def save_figure(fig: Figure, path: Path) -> None:
     """Write `fig` as a PNG atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, binary=True) as f:
+        fig.savefig(f, format="png")

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from fedslip.atomic import atomic_file
 from fedslip.evaluation.records import MethodResult
 
 MISSING = "—"
@@ -144,18 +143,9 @@ def final_table_markdown(result: MethodResult) -> str:
 def to_csv(rows: Sequence[dict], path: Path | str, columns: Sequence[str] | None = None) -> None:
     """Write rows with raw numbers (None → empty cell), `columns` after "method" (default: COLUMNS' keys).
     Written to a temp file then renamed, so a reader never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fields = ["method"] + list(columns or [key for key, _, _ in COLUMNS])
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in fields})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in fields})

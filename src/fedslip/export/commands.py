@@ -16,6 +16,8 @@ def add_commands(sub) -> None:
     who.add_argument("--global", dest="global_model", action="store_true", help="the global model")
     exp.add_argument("--method", help="which method's checkpoint (needed when RUN_DIR holds several)")
     exp.add_argument("--label-names", help="comma-separated class names in class order (default: the run's)")
+    exp.add_argument("--data-dir", help="the run's AG News folder, where its checkpoint predates holding the "
+                     "class names and the run's data folder has moved")
     exp.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty)")
     exp.set_defaults(export_handler=_export)
     pre = sub.add_parser("predict", help="classify text with an export folder")
@@ -38,7 +40,7 @@ def _export(args) -> int:
     from fedslip.export.trained_view import load_view
 
     view = load_view(Path(args.run_dir), None if args.global_model else args.client, args.method,
-                     _names(args.label_names))
+                     _names(args.label_names), args.data_dir)
     meta = export(view, Path(args.out))
     print(f"wrote {args.out}/: {view.method.name}, {view.who}, LoRA rank {meta['rank']} "
           f"({meta['check']['tensors']} tensors loaded back by PEFT unchanged; logits within "

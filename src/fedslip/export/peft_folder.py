@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from fedslip.atomic import usual_mode
 from fedslip.errors import UserError
 from fedslip.export.fold import fold
 from fedslip.export.model_card import model_card
@@ -173,6 +174,7 @@ def export(view: TrainedView, out: Path) -> dict:
         (stage / "README.md").write_text(model_card(view, rank), encoding="utf-8")
         if out.exists():
             out.rmdir()
+        usual_mode(stage, folder=True)
         os.replace(stage, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from fedslip.atomic import atomic_file
 from fedslip.data.batching import Encoded
 from fedslip.data.sources import read_csv_rows, read_jsonl_rows
 from fedslip.errors import UserError
@@ -86,21 +85,14 @@ def read_texts(path: Path, columns: list[str]) -> list[str]:
 def write_predictions(out: Path, texts: list[str], probs: np.ndarray, names: list[str]) -> None:
     """A CSV (text, label, one probability column per class) or, for a .jsonl name, one JSON object per
     row (text, label, probabilities by class name); written whole or not at all."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            if is_jsonl(out):
-                for text, p in zip(texts, probs):
-                    record = {"text": text, "label": names[int(p.argmax())],
-                              "probabilities": {n: round(float(x), 6) for n, x in zip(names, p)}}
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            else:
-                w = csv.writer(f)
-                w.writerow(["text", "label", *(f"p_{n}" for n in names)])
-                for text, p in zip(texts, probs):
-                    w.writerow([text, names[int(p.argmax())], *(f"{x:.6f}" for x in p)])
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(out, newline="", encoding="utf-8") as f:
+        if is_jsonl(out):
+            for text, p in zip(texts, probs):
+                record = {"text": text, "label": names[int(p.argmax())],
+                          "probabilities": {n: round(float(x), 6) for n, x in zip(names, p)}}
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        else:
+            w = csv.writer(f)
+            w.writerow(["text", "label", *(f"p_{n}" for n in names)])
+            for text, p in zip(texts, probs):
+                w.writerow([text, names[int(p.argmax())], *(f"{x:.6f}" for x in p)])

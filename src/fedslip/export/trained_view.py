@@ -10,7 +10,7 @@ backbone (same name, same seed) in fp32 on the CPU and load exactly the view the
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fedslip.config import Config, apply_overrides
@@ -61,16 +61,24 @@ def config_of(meta: dict) -> Config:
     return apply_overrides(Config(), meta["fingerprint"]["config"], "the checkpoint's config")
 
 
-def label_names_of(cfg: Config, given: list[str] | None) -> list[str]:
-    """Class names in class order: given, the config's `data.label_names`, else the run's data source's."""
-    if given or cfg.data.label_names:
-        return list(given or cfg.data.label_names)
+def label_names_of(cfg: Config, meta: dict, given: list[str] | None, data_dir: str | None = None) -> list[str]:
+    """Class names in class order: given, else the checkpoint's, else the config's `data.label_names`, else
+    the run's data source's (checkpoints written before they held the names), read from `data_dir` if given."""
+    saved = meta.get("label_names") or cfg.data.label_names
+    if given:
+        if saved and len(given) != len(saved):
+            raise UserError(f"--label-names: {len(given)} names for the run's {len(saved)} classes ({', '.join(saved)})")
+        return list(given)
+    if saved:
+        return list(saved)
     from fedslip.data.sources import load_data
 
+    data_cfg = replace(cfg.data, data_dir=data_dir) if data_dir else cfg.data
     try:
-        return load_data(cfg.data).label_names
+        return load_data(data_cfg).label_names
     except UserError as e:
-        raise UserError(f"class names: the run's data cannot be read here ({e}); pass --label-names a,b,...") from None
+        raise UserError(f"class names: the run's data cannot be read here ({e}); pass --label-names a,b,... "
+                        "or --data-dir") from None
 
 
 def run_metrics(run_dir: Path, method: str, meta: dict) -> dict:
@@ -84,7 +92,7 @@ def run_metrics(run_dir: Path, method: str, meta: dict) -> dict:
 
 
 def load_view(run_dir: Path, client: int | None, method: str | None = None,
-              label_names: list[str] | None = None) -> TrainedView:
+              label_names: list[str] | None = None, data_dir: str | None = None) -> TrainedView:
     path = checkpoint_path(run_dir, method)
     meta = checkpoint.read_meta(path)
     if not meta.get("finished"):
@@ -93,7 +101,7 @@ def load_view(run_dir: Path, client: int | None, method: str | None = None,
     glob, clients, meta = checkpoint.load(path)
     cfg = config_of(meta)
     m = method_for(cfg)
-    names = label_names_of(cfg, label_names)
+    names = label_names_of(cfg, meta, label_names, data_dir)
     backbone = load_backbone(cfg.model.backbone, len(names), cfg.train.seed, cfg.model.backbone_dropout)
     model = m.build(backbone)
     if client is None:

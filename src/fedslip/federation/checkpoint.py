@@ -10,6 +10,7 @@ state (what `export` and `predict` read). Never pickle.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 
+from fedslip.atomic import usual_mode
 from fedslip.config import Config
 from fedslip.errors import UserError
 from fedslip.evaluation.records import ClientRecord, MethodResult, RoundRecord
@@ -31,7 +33,8 @@ STATE_DIR = "state"
 
 
 def fingerprint(prep, method_name: str) -> dict[str, Any]:
-    """What a run's numbers depend on; a resumed run must match it exactly."""
+    """What a run's numbers depend on; a resumed run must match it (`check`). "data" digests the token ids
+    and labels the run uses, so the data's folder or file names need not match (a run may move machines)."""
     from fedslip import __version__
 
     h = hashlib.sha256()
@@ -41,8 +44,45 @@ def fingerprint(prep, method_name: str) -> dict[str, Any]:
     cfg = prep.cfg.to_dict()
     cfg["method"]["name"] = method_name
     return {"format": FORMAT, "fedslip": __version__, "torch": torch.__version__, "config": cfg,
-            "split": h.hexdigest()[:32], "device": info.get("device", "cpu"),
+            "split": h.hexdigest()[:32], "data": data_digest(prep), "device": info.get("device", "cpu"),
             "precision": info.get("precision", "fp32")}
+
+
+def data_digest(prep) -> str | None:
+    """sha256 of every used example's token ids and label, train then test; None where no data is held."""
+    if prep.train is None:
+        return None
+    h = hashlib.sha256()
+    for enc in (prep.train, prep.test):
+        for ids in enc.ids:
+            h.update(ids.tobytes() + b"|")
+        h.update(enc.labels.tobytes() + b"#")
+    return h.hexdigest()[:32]
+
+
+PATH_KEYS = ("data_dir", "train_file", "test_file")  # config.data: where the data was read, not what it is
+
+
+def comparable(saved: dict, now: dict) -> tuple[dict, dict]:
+    """The two fingerprints as `check` compares them. The asked `train.device` / `train.precision` are left
+    out: the resolved "device" / "precision" are compared (an `auto` resolves as the checkpoint did, and
+    naming what it resolved to is no change). The data's paths are left out where both sides digest the data
+    (checkpoints made before the digest compare the paths, resolved)."""
+    saved, now = copy.deepcopy(saved), copy.deepcopy(now)
+    by_content = saved.get("data") is not None and now.get("data") is not None
+    for fp in (saved, now):
+        cfg = fp.get("config", {})
+        for key in ("device", "precision"):
+            cfg.get("train", {}).pop(key, None)
+        data = cfg.get("data", {})
+        for key in PATH_KEYS:
+            if by_content:
+                data.pop(key, None)
+            elif data.get(key):
+                data[key] = os.path.realpath(data[key])
+        if not by_content:
+            fp.pop("data", None)
+    return saved, now
 
 
 def differences(saved: dict, now: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
@@ -59,6 +99,26 @@ def differences(saved: dict, now: dict, prefix: str = "", defaults: dict | None 
         elif a != b:
             out.append(f"{prefix}{key}: {a!r} in the checkpoint, {b!r} now")
     return out
+
+
+PLAN = "comparison.json"  # in STATE_DIR: the methods a run or comparison will train, in order
+
+
+def write_plan(out: Path, methods: list[str]) -> None:
+    """Record which methods the run in `out` trains, so that `fedslip status` shows those still to come."""
+    folder = Path(out) / STATE_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (PLAN + ".tmp")
+    tmp.write_text(json.dumps({"methods": methods}), encoding="utf-8")
+    os.replace(tmp, folder / PLAN)
+
+
+def read_plan(out: Path) -> list[str]:
+    """The methods recorded by `write_plan` ([] when none were, or the file is unreadable)."""
+    try:
+        return list(json.loads((Path(out) / STATE_DIR / PLAN).read_text(encoding="utf-8"))["methods"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
 
 
 def path_for(out: Path, method: str) -> Path:
@@ -86,6 +146,7 @@ def save(path: Path, glob: dict, clients: list[ClientState] | None, meta: dict[s
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"fedslip": json.dumps(meta)})
+    usual_mode(tmp)
     if crash is not None:
         crash("checkpoint")  # tests: a crash after the temporary file, before the rename
     os.replace(tmp, path)
@@ -109,9 +170,20 @@ def read_meta(path: Path) -> dict[str, Any]:
     return _read(path, tensors=False)[0]
 
 
+def kept_precision(paths: list[Path], precision: str) -> dict[str, str]:
+    """On resume, what an `auto` precision resolves to: the first existing checkpoint's (no new probe, which
+    on another machine, or by noise near its margin, could choose otherwise); {} when none exists or the
+    precision is set."""
+    for path in paths:
+        if precision == "auto" and path.exists():
+            return {"precision": read_meta(path)["fingerprint"].get("precision", "fp32")}
+    return {}
+
+
 def check(path: Path, prep, method: str) -> None:
     """One clear line when the checkpoint at `path` is not this run's."""
-    diff = differences(read_meta(path)["fingerprint"], fingerprint(prep, method), defaults={"config": Config().to_dict()})
+    saved, now = comparable(read_meta(path)["fingerprint"], fingerprint(prep, method))
+    diff = differences(saved, now, defaults={"config": Config().to_dict()})
     if diff:
         raise UserError(f"checkpoint {path} belongs to another run: {'; '.join(diff[:3])}")
 

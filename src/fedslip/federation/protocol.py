@@ -273,6 +273,7 @@ class RoundProtocol:
                 "wall_time_s": wall_time_s, "round_costs": self.round_costs(),
                 "round_seconds": {str(r): t for r, t in self.round_seconds.items() if r <= len(result.rounds)},
                 "compute": compute_kind(self.prep.backbone.placement.device),
+                "label_names": self.prep.data.label_names if self.prep.data else self.prep.cfg.data.label_names,
                 "transport": getattr(self.transport, "checkpoint_meta", dict)()}
         if finished:
             meta["result"] = {"clients": [asdict(c) for c in result.clients], "final": result.final}

@@ -1,0 +1,45 @@
+"""Files written whole or not at all: to a temporary name in the same folder, then renamed.
+
+A temporary file is created private (0600); before the rename it gets the mode a plain `open()` would have
+given it (0666 less the umask), so outputs stay readable like every other file the run writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator
+
+from fedslip.errors import UserError
+
+
+def usual_mode(path: Path | str, folder: bool = False) -> None:
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if folder else 0o666) & ~mask)
+
+
+def parent_folder(path: Path) -> None:
+    """Create `path`'s folder; one clear line when it cannot be (a file in the way, no permission)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{path}: its folder cannot be created ({e.strerror or e})") from None
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path | str, binary: bool = False, **open_args) -> Iterator[IO]:
+    """An open file that appears at `path`, complete, only when the block ends without an exception."""
+    path = Path(path)
+    parent_folder(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", **open_args) as f:
+            yield f
+        usual_mode(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
