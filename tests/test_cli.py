@@ -262,3 +262,16 @@ def test_methods_lists_whole_first_paragraphs(capsys):
     assert main(["methods"]) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
     assert lines["flora"].rstrip().endswith("heterogeneous-rank LoRAs.")
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    from fedslip.errors import UserError
+    from fedslip.federation.protocol import RoundProtocol
+
+    def fail(self, rnd):
+        raise UserError("a failure in round 1")
+
+    monkeypatch.setattr(RoundProtocol, "run_round", fail)
+    assert main(["compare", "--methods", "fedavg,fedslip", "--quiet", "--out", str(tmp_path / "run"), *sets()]) == 2
+    assert "a failure in round 1" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

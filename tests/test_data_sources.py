@@ -437,3 +437,13 @@ def test_an_empty_csv_file_says_so(tmp_path):
     (tmp_path / "train.csv").write_text("")
     with pytest.raises(UserError, match="empty file"):
         sources.read_csv_rows(tmp_path / "train.csv", ["text", "label"])
+
+
+def test_one_non_integer_among_integer_labels_is_a_typo_not_a_class(tmp_path):
+    rows = [f"text {i},{i % 3}" for i in range(30)] + ["text x,oops"]
+    (tmp_path / "train.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+    with pytest.raises(UserError, match="label 'oops' is not an integer, while 30 of 31"):
+        load_data(DataConfig(source="csv", train_file=str(tmp_path / "train.csv")))
+    names = [f"text {i},{['sports', 'world', 'tech'][i % 3]}" for i in range(30)]
+    (tmp_path / "names.csv").write_text("text,label\n" + "\n".join(names) + "\n")  # names: still fine
+    assert load_data(DataConfig(source="csv", train_file=str(tmp_path / "names.csv"))).label_names == ["sports", "tech", "world"]

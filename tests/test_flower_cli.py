@@ -34,6 +34,11 @@ def test_flower_local_runtime_writes_the_run_outputs(tmp_path, capsys):
     assert doc["config"]["method"]["name"] == "fedavg" and doc["config"]["train"]["rounds"] == 1
     assert (tmp_path / "work" / "node0" / "wire.jsonl").is_file()
     assert "fedavg" in capsys.readouterr().out
+    from flwr.common.logger import ConsoleHandler, LOGGER_NAME
+    import logging
+
+    consoles = [h for h in logging.getLogger(LOGGER_NAME).handlers if isinstance(h, ConsoleHandler)]
+    assert consoles and not any(h.colored for h in consoles)  # stderr is no terminal here: no colour codes
 
 
 def test_bad_config_stops_before_anything_starts(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -88,7 +89,7 @@ LOCK = ".fedslip.lock"
 def exclusive(out: Path) -> Iterator[None]:
     """Hold `out` for this process: a second fedslip run into the same folder, started before the first
     wrote anything, would otherwise overwrite it unseen. The lock goes with the process (a killed run
-    leaves none). A folder created here that still holds nothing else at the end is removed again."""
+    leaves none). A folder created here that holds only this bookkeeping at the end is removed again."""
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -115,6 +116,8 @@ def exclusive(out: Path) -> Iterator[None]:
         yield
     finally:
         handle.close()
-        if created and {p.name for p in out.iterdir()} <= {LOCK}:
-            (out / LOCK).unlink(missing_ok=True)
-            out.rmdir()
+        from fedslip.federation.checkpoint import PLAN, STATE_DIR
+
+        bookkeeping = {LOCK, f"{STATE_DIR}/{PLAN}"}  # all a run that ends before its first checkpoint leaves
+        if created and {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} <= bookkeeping:
+            shutil.rmtree(out, ignore_errors=True)

@@ -14,6 +14,7 @@ Hooked into `fedslip.cli` by `add_commands(sub, add_common)` in `build_parser` a
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -55,9 +56,10 @@ def _prepare_run(args, default_out: str):
     from fedslip.federation.flower.deploy import run_config_for
 
     try:
-        import flwr  # noqa: F401
+        from flwr.common.logger import update_console_handler
     except ImportError:
         raise UserError("the Flower runtime needs Flower: pip install -e '.[flower]'") from None
+    update_console_handler(colored=sys.stderr.isatty())  # no colour codes in a log file
     method = method_list(args.method or "fedslip")[0]
     cfg = config_from_args(args, method)  # validated here: a bad config stops before anything starts
     out = out_dir(args, default_out.format(method=method))
@@ -97,8 +99,6 @@ def _deploy(args: argparse.Namespace) -> int:
 
 
 def _failed(error: Exception, workdir: Path) -> int:
-    import sys
-
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     print(f"fedslip: the Flower run failed: {first} (processes stopped; logs in {workdir}/)", file=sys.stderr)
     return 1

@@ -349,6 +349,7 @@ def encode_labels(train: list, test: list, num_classes: int | None, files: dict[
         names = [str(i) for i in range(n)]
         ids = np.asarray(ints, dtype=np.int64)
     else:
+        _refuse_stray_names(ints, everything, len(train), files)
         strings = [str(v).strip() for v in everything]
         names = sorted(set(strings))
         if num_classes is not None and num_classes != len(names):
@@ -359,6 +360,17 @@ def encode_labels(train: list, test: list, num_classes: int | None, files: dict[
     if len(names) < 2:
         raise UserError(f"{files['train']}: only one class ({names[0]}); need at least 2 labels")
     return ids[:len(train)], ids[len(train):], names
+
+
+def _refuse_stray_names(ints: list[int | None], values: list, n_train: int, files: dict[str, str]) -> None:
+    """Integer labels with a few non-integers among them (≥ 90 % integers) are a typo, not a label set of
+    names: taken as names, every integer would become a class name and the typo a class of its own."""
+    strays = [k for k, i in enumerate(ints) if i is None]
+    if len(strays) <= 0.1 * len(ints):
+        k = strays[0]
+        raise UserError(f"{files['train' if k < n_train else 'test']}: label {str(values[k]).strip()!r} is not an "
+                        f"integer, while {len(ints) - len(strays)} of {len(ints)} labels are; fix it, or set "
+                        "data.label_names to read every label as a name")
 
 
 def _by_given_names(train: list, test: list, files: dict[str, str], names: list[str]):
