@@ -111,7 +111,6 @@ def test_label_outside_class_range(tmp_path, capsys):
     (["run", "--set", "train.rounds=1_000_000_000_000"], "train.rounds"),
     (["run", "--set", "train.seed=-1"], "train.seed"),
     (["run", "--set", "train.lr=inf"], "train.lr"),
-    (["run", "--set", "train.failures=[[99, 1]]"], "train.failures"),
     (["compare", "--methods", "fedavg,fedavg"], "more than once"),
     (["compare", "--methods", "fedavg", "--set", "by_method.fedavgg.train={lr=0.1}"], "by_method.fedavgg"),
     (["run", "--seeds", ""], "--seeds"),
@@ -275,3 +274,8 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tmp_path,
     assert main(["compare", "--methods", "fedavg,fedslip", "--quiet", "--out", str(tmp_path / "run"), *sets()]) == 2
     assert "a failure in round 1" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_failure_scheduled_after_the_last_round_is_one_line(tmp_path, capsys):
+    err = bad(tmp_path, capsys, ["run", *sets(["train.failures=[[3, 1]]"])])  # 2 rounds
+    assert "train.failures" in err and "last round (2)" in err

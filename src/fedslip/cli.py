@@ -90,7 +90,7 @@ def _compare(args, cfg, methods: list[str], out: Path, console, progress):
     """Every method on one split (one seed): outputs in `out`, checkpoints in `out`/state."""
     from fedslip.evaluation.outputs import write_outputs
     from fedslip.federation import checkpoint
-    from fedslip.federation.inprocess import Simulation
+    from fedslip.federation.inprocess import Simulation, check_failures
     from fedslip.methods import method_for
     from fedslip.prepare import prepare
 
@@ -98,6 +98,9 @@ def _compare(args, cfg, methods: list[str], out: Path, console, progress):
     if args.resume:  # an `auto` precision goes on as the checkpoint resolved it
         kept = checkpoint.kept_precision([checkpoint.path_for(out, m) for m in methods], cfg.train.precision)
         cfg = replace(cfg, train=replace(cfg.train, **kept))
+    chosen = [method_for(replace(cfg, method=replace(cfg.method, name=name))) for name in methods]
+    for method in chosen:  # before the data and the backbone load: a bad schedule is one line, nothing else
+        check_failures(method)
     prep = prepare(cfg)
     console.print(f"data: {prep.data.description}; backbone: {prep.backbone.name} ({prep.backbone.source}); "
                   f"{len(prep.split.train)} clients, training on {[len(s) for s in prep.split.train]} examples")
@@ -105,9 +108,8 @@ def _compare(args, cfg, methods: list[str], out: Path, console, progress):
     paths = resumable(out, prep, methods)
     checkpoint.write_plan(out, methods)
     runs = []
-    for name in methods:  # the outputs after each method: a long comparison shows what is done as it goes
-        method = method_for(replace(cfg, method=replace(cfg.method, name=name)))
-        runs.append(Simulation(prep, method, progress).run(paths[name], args.resume))
+    for method in chosen:  # the outputs after each method: a long comparison shows what is done as it goes
+        runs.append(Simulation(prep, method, progress).run(paths[method.name], args.resume))
         write_outputs(out, prep, runs, time.perf_counter() - start)
         to_come = methods[len(runs):]
         console.print(f"wrote {out}/: results.json rounds.csv clients.csv ledger.csv comparison.md comparison.csv "

@@ -40,6 +40,15 @@ class Failures:
         return self.rate > 0 and numpy_gen(self.seed, "failure", cid, rnd).random() < self.rate
 
 
+def check_failures(method: Method) -> None:
+    """`train.failures` within the run: its rounds are the method's (fedsb adds a setup round), so this is
+    checked once the method is known, not by the config's validation."""
+    late = [f for f in method.cfg.train.failures if f[0] > method.rounds()]
+    if late:
+        raise UserError(f"train.failures: round {late[0][0]} of {late[0]} is after {method.name}'s last round "
+                        f"({method.rounds()})")
+
+
 class InProcessTransport:
     def __init__(self, side: ClientSide, n_clients: int, tamper: Tamper | None = None):
         self.side = side
@@ -76,6 +85,7 @@ class Simulation(RoundProtocol):
     """The round protocol over the in-process transport: `Simulation(prep, method).run()`."""
 
     def __init__(self, prep: Prepared, method: Method, progress=None, tamper: Tamper | None = None):
+        check_failures(method)
         model = method.build(prep.backbone)
         side = ClientSide(method.cfg, prep, method, model)
         super().__init__(prep, method, model, InProcessTransport(side, len(prep.split.train), tamper), progress)
