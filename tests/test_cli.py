@@ -279,3 +279,40 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tmp_path,
 def test_a_failure_scheduled_after_the_last_round_is_one_line(tmp_path, capsys):
     err = bad(tmp_path, capsys, ["run", *sets(["train.failures=[[3, 1]]"])])  # 2 rounds
     assert "train.failures" in err and "last round (2)" in err
+
+
+def test_a_comparison_with_local_keeps_failures_after_locals_one_round(tmp_path):
+    """local trains in one round; a failure scheduled in round 2 is the other methods' business."""
+    out = tmp_path / "cmp"
+    assert main(["compare", "--methods", "fedavg,local", "--quiet", "--out", str(out),
+                 *sets(["train.failures=[[2, 1]]", "method.kstep=false"])]) == 0
+    rounds = list(csv.DictReader(open(out / "rounds.csv")))
+    assert [r["failed"] for r in rounds if r["method"] == "fedavg"] == ["", "1"]
+
+
+@pytest.mark.parametrize("text", ['a"b\\c', "line\nbreak\ttab\r", "ctl\x01\x7f", "it's", "Sci/Tech"])
+def test_toml_str_round_trips(text):
+    import tomllib
+
+    from fedslip.cli_common import toml_str
+
+    assert tomllib.loads(f"x = {toml_str(text)}")["x"] == text
+
+
+def test_a_multi_seed_run_lists_every_seeds_methods_and_leaves_nothing_when_it_fails_early(tmp_path, capsys,
+                                                                                             monkeypatch):
+    from fedslip.errors import UserError
+    from fedslip.federation.protocol import RoundProtocol
+    from fedslip.run_status import queued
+
+    seen = []
+
+    def fail(self, rnd):
+        seen.append(sorted(queued(tmp_path / "run")))  # what `fedslip status` would list at this point
+        raise UserError("a failure in round 1")
+
+    monkeypatch.setattr(RoundProtocol, "run_round", fail)
+    argv = ["compare", "--methods", "fedavg,fedslip", "--seeds", "0,1", "--quiet", "--out", str(tmp_path / "run")]
+    assert main([*argv, *sets()]) == 2
+    assert seen == [[("fedavg", "0"), ("fedavg", "1"), ("fedslip", "0"), ("fedslip", "1")]]
+    assert not list(tmp_path.iterdir())

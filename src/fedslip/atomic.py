@@ -16,9 +16,21 @@ from fedslip.errors import UserError
 
 
 def usual_mode(path: Path | str, folder: bool = False) -> None:
-    mask = os.umask(0)
+    os.chmod(path, (0o777 if folder else 0o666) & ~umask())
+
+
+def umask() -> int:
+    """The process's umask, read from /proc where it is there: setting it to read it back would, for that
+    instant, apply another mask to files other threads create."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
-    os.chmod(path, (0o777 if folder else 0o666) & ~mask)
+    return mask
 
 
 def parent_folder(path: Path) -> None:

@@ -51,6 +51,7 @@ def _execute(args, methods: list[str], out: Path) -> int:
     from fedslip.evaluation.goal import goal_rows
     from fedslip.evaluation.outputs import with_goal
     from fedslip.evaluation.tables import to_markdown
+    from fedslip.federation.checkpoint import write_plan
 
     cfg = config_from_args(args, methods[0])
     if cfg.method.strategy != "method":
@@ -59,6 +60,10 @@ def _execute(args, methods: list[str], out: Path) -> int:
     folders = {s: out / f"seed-{s}" for s in seeds} if seeds else {cfg.train.seed: out}
     with exclusive(out):
         check_out(args, out, list(folders.values()))
+        for folder in folders.values():
+            kept_together(folder, methods)
+        for folder in folders.values():  # what `fedslip status` lists as still to come
+            write_plan(folder, methods)
         per_seed = _seeds(args, cfg, methods, folders, seeds)
         if seeds:
             _write_seed_summary(out, per_seed, methods)
@@ -99,14 +104,12 @@ def _compare(args, cfg, methods: list[str], out: Path, console, progress):
         kept = checkpoint.kept_precision([checkpoint.path_for(out, m) for m in methods], cfg.train.precision)
         cfg = replace(cfg, train=replace(cfg.train, **kept))
     chosen = [method_for(replace(cfg, method=replace(cfg.method, name=name))) for name in methods]
-    for method in chosen:  # before the data and the backbone load: a bad schedule is one line, nothing else
-        check_failures(method)
+    check_failures(chosen)  # before the data and the backbone load: one line, and nothing else
     prep = prepare(cfg)
     console.print(f"data: {prep.data.description}; backbone: {prep.backbone.name} ({prep.backbone.source}); "
                   f"{len(prep.split.train)} clients, training on {[len(s) for s in prep.split.train]} examples")
     console.print(f"device: {describe_placement(prep.backbone.placement.info)}")
     paths = resumable(out, prep, methods)
-    checkpoint.write_plan(out, methods)
     runs = []
     for method in chosen:  # the outputs after each method: a long comparison shows what is done as it goes
         runs.append(Simulation(prep, method, progress).run(paths[method.name], args.resume))
@@ -174,15 +177,22 @@ def resumable(out: Path, prep, methods: list[str]) -> dict[str, Path]:
     from fedslip.federation import checkpoint
 
     paths = {name: checkpoint.path_for(out, name) for name in methods}
-    left_out = [p.stem for p in checkpoint.existing(out) if p.stem not in paths]
-    if left_out:  # its results would vanish from the folder's tables, rewritten without it
-        raise UserError(f"{out} also holds the checkpoint of {', '.join(left_out)}, which this run leaves out: "
-                        f"list every method of the folder's run (--methods {','.join([*methods, *left_out])}), "
-                        "or choose another --out")
     for name, path in paths.items():
         if path.exists():
             checkpoint.check(path, prep, name)
     return paths
+
+
+def kept_together(out: Path, methods: list[str]) -> None:
+    """One clear line when `out` holds the checkpoint of a method this run leaves out: the folder's tables,
+    rewritten without it, would lose its results."""
+    from fedslip.federation import checkpoint
+
+    left_out = [p.stem for p in checkpoint.existing(out) if p.stem not in methods]
+    if left_out:
+        raise UserError(f"{out} also holds the checkpoint of {', '.join(left_out)}, which this run leaves out: "
+                        f"list every method of the folder's run (--methods {','.join([*methods, *left_out])}), "
+                        "or choose another --out")
 
 
 def describe_placement(info: dict) -> str:

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from fedslip.errors import UserError
+from fedslip.errors import UserError, warn
 
 
 class Parser(argparse.ArgumentParser):
@@ -43,7 +43,11 @@ def config_from_args(args, method: str | None):
 
 
 def toml_str(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """`s` as a TOML basic string: backslashes, quotes and control characters escaped."""
+    return '"' + "".join(ESCAPES.get(c, c if c >= " " and c != "\x7f" else f"\\u{ord(c):04x}") for c in s) + '"'
+
+
+ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"}
 
 
 def method_list(spec: str) -> list[str]:
@@ -89,35 +93,51 @@ LOCK = ".fedslip.lock"
 def exclusive(out: Path) -> Iterator[None]:
     """Hold `out` for this process: a second fedslip run into the same folder, started before the first
     wrote anything, would otherwise overwrite it unseen. The lock goes with the process (a killed run
-    leaves none). A folder created here that holds only this bookkeeping at the end is removed again."""
+    leaves none); where the system has no such locks (no fcntl, some network file systems) the run goes on
+    without one, saying so. A folder this run created and locked that holds only its bookkeeping at the end
+    (a run that stopped before its first checkpoint) is removed again."""
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         handle = open(out / LOCK, "a+", encoding="utf-8")
     except OSError as e:
         raise UserError(f"--out {out}: cannot be written ({e.strerror or e})") from None
+    owned = False
     try:
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no lock
-            fcntl = None
-        if fcntl is not None:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.seek(0)
-                holder = handle.read().strip() or "?"
-                raise UserError(f"{out} is in use by another fedslip run (pid {holder}): wait for it to end, or "
-                                "choose another --out") from None
-            handle.seek(0)
-            handle.truncate()
-            handle.write(str(os.getpid()))
-            handle.flush()
+        owned = _lock(handle, out)
         yield
     finally:
-        handle.close()
-        from fedslip.federation.checkpoint import PLAN, STATE_DIR
-
-        bookkeeping = {LOCK, f"{STATE_DIR}/{PLAN}"}  # all a run that ends before its first checkpoint leaves
-        if created and {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} <= bookkeeping:
+        if owned and created and _only_bookkeeping(out):
             shutil.rmtree(out, ignore_errors=True)
+        handle.close()
+
+
+def _lock(handle, out: Path) -> bool:
+    """Lock `handle` (the folder's lock file) and write our pid into it; False where locks are unavailable."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        raise UserError(f"{out} is in use by another fedslip run (pid {holder}): wait for it to end, or "
+                        "choose another --out") from None
+    except OSError as e:
+        warn(f"{out}: no lock on this file system ({e.strerror or e}); do not start a second run into it")
+        return False
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return True
+
+
+def _only_bookkeeping(out: Path) -> bool:
+    """Whether `out` holds nothing but the lock and comparison plans (its own, its seed folders')."""
+    from fedslip.federation.checkpoint import PLAN, STATE_DIR
+
+    files = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()]
+    return all(f == LOCK or f.endswith(f"{STATE_DIR}/{PLAN}") for f in files)

@@ -72,8 +72,12 @@ def _prepare_run(args, default_out: str):
         sets += [f"train.{key}={toml_str(value)}" for key, value in kept.items()]
     rc = run_config_for(args.preset, method, args.config, sets, out, getattr(args, "min_available", 0))
     rc["resume"] = bool(args.resume)
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fedslip-flower-")).resolve()
-    return cfg, rc, out, workdir
+    return cfg, rc, out
+
+
+def _workdir(args) -> Path:
+    """The node state and logs folder: --workdir, else a fresh temporary one (made once the run holds --out)."""
+    return Path(args.workdir or tempfile.mkdtemp(prefix="fedslip-flower-")).resolve()
 
 
 def _report(out: Path, workdir: Path, start: float) -> int:
@@ -87,8 +91,9 @@ def _deploy(args: argparse.Namespace) -> int:
     from fedslip.federation.flower.deploy import deploy
 
     start = time.perf_counter()
-    cfg, rc, out, workdir = _prepare_run(args, "runs/deploy-{method}")
+    cfg, rc, out = _prepare_run(args, "runs/deploy-{method}")
     with exclusive(out):
+        workdir = _workdir(args)
         print(f"deploying {rc['method']}: SuperLink + {cfg.partition.n_clients} SuperNodes on 127.0.0.1 "
               f"({'insecure' if args.insecure else 'TLS, SuperNode authentication'}); workdir {workdir}")
         try:
@@ -106,8 +111,9 @@ def _failed(error: Exception, workdir: Path) -> int:
 
 def _flower(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    cfg, rc, out, workdir = _prepare_run(args, "runs/flower-{method}")
+    cfg, rc, out = _prepare_run(args, "runs/flower-{method}")
     with exclusive(out):
+        workdir = _workdir(args)
         n = cfg.partition.n_clients
         if args.runtime == "local":
             from flwr.app import Context, RecordDict

@@ -45,7 +45,9 @@ def _encode_used(dataset, groups: list[np.ndarray], backbone: Backbone, max_leng
 
 def _backbone(cfg: Config, num_classes: int) -> Backbone:
     backbone = load_backbone(cfg.model.backbone, num_classes, cfg.train.seed, cfg.model.backbone_dropout)
-    limit = getattr(backbone.model.config, "max_position_embeddings", None)
+    limits = [getattr(backbone.model.config, "max_position_embeddings", None),  # RoBERTa's 514 read 512 tokens:
+              getattr(backbone.tokenizer, "model_max_length", None)]  # its tokenizer says so (others: 1e30)
+    limit = min((n for n in limits if n and n < 1_000_000), default=None)
     if limit and cfg.model.max_length > limit:
         raise UserError(f"model.max_length = {cfg.model.max_length}: {backbone.name} reads at most {limit} tokens")
     backbone.placement = resolve(cfg.train.device, cfg.train.precision)

@@ -24,7 +24,8 @@ def checkpoints(folder: Path) -> list[Path]:
 
 
 def queued(folder: Path) -> list[tuple[str, str]]:
-    """(method, seed) of each method a comparison will train that has no checkpoint yet."""
+    """(method, seed) of each method a comparison will train that has no checkpoint yet: still to come, or
+    running its first round."""
     rows = []
     for f in run_folders(folder):
         started = {p.stem for p in checkpoint.existing(f)}
@@ -103,5 +104,5 @@ def report(folder: Path) -> str:
                      f"| {left} | {r['precision']} | {r['eval_round'] or '—'} | {_pct(r['global'])} "
                      f"| {_pct(r['client'])} | {_pct(r['synced'])} | {_pct(r['persistent'])} |")
     for method, seed in waiting:
-        lines.append(f"| {method} | {seed} | 0 | queued |" + " — |" * 8)
+        lines.append(f"| {method} | {seed} | 0 | no checkpoint yet |" + " — |" * 8)
     return "\n".join(lines)

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import re
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import numpy as np
 from fedslip.config import DataConfig
 from fedslip.data.synthetic import load_synthetic
 from fedslip.data.text import TextData, make_dataset
-from fedslip.errors import UserError
+from fedslip.errors import UserError, warn
 from fedslip.hub import hub_reachable
 
 AG_NEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
@@ -176,11 +175,6 @@ def _existing(path: str, key: str) -> Path:
     return p
 
 
-def _warn(message: str) -> None:
-    """One plain line on stderr, printed each time it is called (`warnings.warn` would add the source line,
-    and its filters could hide it or show it twice)."""
-    print(f"fedslip: warning: {message}", file=sys.stderr)
-
 
 CONFIG_HINT = "set data.text_columns / data.label_column"
 
@@ -300,7 +294,7 @@ def _texts_and_labels(rows: list[tuple[int, dict]], cfg: DataConfig, file: str,
 
 def _warn_empty(file, empty: list[int], unit: str) -> None:
     if empty:
-        _warn(f"{file}: {_count(len(empty), 'row')} with empty text dropped (first at {unit} {empty[0]})")
+        warn(f"{file}: {_count(len(empty), 'row')} with empty text dropped (first at {unit} {empty[0]})")
 
 
 def _warn_test_only(train_ids: np.ndarray, test_ids: np.ndarray, test_lines: list[int], names: list[str],
@@ -313,7 +307,7 @@ def _warn_test_only(train_ids: np.ndarray, test_ids: np.ndarray, test_lines: lis
     firsts = sorted((int(np.flatnonzero(test_ids == c)[0]), c) for c in unseen)  # in file order
     k, n = len(unseen), len(names)
     shown = ", ".join(repr(names[c]) for _, c in firsts[:5]) + (f" and {k - 5} more" if k > 5 else "")
-    _warn(f"{files['test']}: {unit} {test_lines[firsts[0][0]]}: {'class' if k == 1 else 'classes'} {shown} "
+    warn(f"{files['test']}: {unit} {test_lines[firsts[0][0]]}: {'class' if k == 1 else 'classes'} {shown} "
           f"never {'appears' if k == 1 else 'appear'} in {files['train']}; no client can learn "
           f"{'it' if k == 1 else 'them'}, so accuracy on the balanced global test is capped at {n - k}/{n}")
 

@@ -40,13 +40,15 @@ class Failures:
         return self.rate > 0 and numpy_gen(self.seed, "failure", cid, rnd).random() < self.rate
 
 
-def check_failures(method: Method) -> None:
-    """`train.failures` within the run: its rounds are the method's (fedsb adds a setup round), so this is
-    checked once the method is known, not by the config's validation."""
-    late = [f for f in method.cfg.train.failures if f[0] > method.rounds()]
+def check_failures(methods: list[Method]) -> None:
+    """`train.failures` within the run: its last round is train.rounds or, where a method adds rounds (fedsb's
+    setup round), that method's last; a method with fewer (local's one) simply has no such round. Checked
+    once the methods are known, not by the config's validation."""
+    last = max(m.rounds() for m in methods)
+    late = [f for f in methods[0].cfg.train.failures if f[0] > max(last, methods[0].cfg.train.rounds)]
     if late:
-        raise UserError(f"train.failures: round {late[0][0]} of {late[0]} is after {method.name}'s last round "
-                        f"({method.rounds()})")
+        raise UserError(f"train.failures: round {late[0][0]} of {late[0]} is after the run's last round "
+                        f"({max(last, methods[0].cfg.train.rounds)})")
 
 
 class InProcessTransport:
@@ -85,7 +87,7 @@ class Simulation(RoundProtocol):
     """The round protocol over the in-process transport: `Simulation(prep, method).run()`."""
 
     def __init__(self, prep: Prepared, method: Method, progress=None, tamper: Tamper | None = None):
-        check_failures(method)
+        check_failures([method])
         model = method.build(prep.backbone)
         side = ClientSide(method.cfg, prep, method, model)
         super().__init__(prep, method, model, InProcessTransport(side, len(prep.split.train), tamper), progress)

@@ -20,13 +20,13 @@ from __future__ import annotations
 import math
 import os
 import signal
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
+from fedslip.errors import warn
 from fedslip.evaluation.metrics import summarize
 from fedslip.evaluation.records import ClientRecord, MethodResult, RoundRecord
 from fedslip.federation.checkpoint import (fingerprint, ledger_from_json, ledger_to_json, result_from_json,
@@ -51,10 +51,6 @@ def select_clients(n_clients: int, fraction: float, seed: int, rnd: int) -> list
     if m >= n_clients:
         return list(range(n_clients))
     return sorted(int(c) for c in numpy_gen(seed, "select", rnd).choice(n_clients, m, replace=False))
-
-
-def warn(message: str) -> None:
-    print(f"fedslip: warning: {message}", file=sys.stderr)
 
 
 def strategy_aggregation(method: Method):
