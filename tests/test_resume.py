@@ -149,7 +149,7 @@ def csv_files(folder: Path, flip: bool = False) -> list[str]:
         if flip and split == "train":
             rows[0] = rows[0][:-1] + "1"
         (folder / f"{split}.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
-    return [f'data.source="csv"', f'data.train_file="{folder}/train.csv"', f'data.test_file="{folder}/test.csv"',
+    return ['data.source="csv"', f'data.train_file="{folder}/train.csv"', f'data.test_file="{folder}/test.csv"',
             "partition.scheme=\"iid\"", "partition.n_train=20", "partition.n_test=10", "partition.n_global_test=5",
             "train.rounds=1"]
 
