@@ -159,3 +159,13 @@ def test_the_inprocess_engine_aggregates_with_the_strategy_too(tiny_prep):
     for k, t in sim.glob.items():  # 4 uploads: the median is the mean of the middle two
         middle = torch.stack([u[k] for u in ups]).sort(0).values[1:3].mean(0)
         assert torch.allclose(t, middle, atol=1e-6), k
+
+
+@pytest.mark.parametrize("name", ["flora", "floral", "fedsb"])
+def test_methods_with_their_own_aggregation_refuse_a_strategy(name):
+    """Their aggregate is part of the method (stacks, masks, the setup's SVD): a Flower strategy averaging
+    their uploads would crash or be wrong, so the config is refused with one line, before any data loads."""
+    with pytest.raises(UserError, match=f"{name} aggregates by a rule of its own"):
+        METHODS[name](tiny_config(name, method={"strategy": "fedmedian"}))
+    METHODS[name](tiny_config(name))  # the method's own rule
+    METHODS["fedavg"](tiny_config("fedavg", method={"strategy": "fedmedian"}))

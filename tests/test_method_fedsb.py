@@ -186,3 +186,58 @@ def test_cli_tiny_run(tmp_path):
     assert rc == 0
     doc = json.loads((out / "results.json").read_text())
     assert "fedsb" in doc["methods"]
+
+
+def test_setup_uploads_are_not_norm_checked_but_later_uploads_are(tiny_prep):
+    """A setup upload is a gradient sum over a client's examples, not a change of the global state: a bound
+    meant for R's change must not reject it (nor pass it silently later)."""
+    sums = Simulation(tiny_prep, METHODS["fedsb"](tiny_config("fedsb")))
+    captured = spy_aggregate(sums)
+    sums.run_round(1)
+    grad_norm = min(float(torch.cat([t.flatten() for t in p.values()]).norm()) for p, _ in captured[0])
+    cfg = tiny_config("fedsb", train={"rounds": 2, "max_update_norm": grad_norm / 10})
+    sim = Simulation(tiny_prep, METHODS["fedsb"](cfg))
+    first = sim.run_round(1)
+    assert first.participants == [0, 1, 2, 3] and first.rejected == []
+    assert any(k.endswith(".sb_A") for k in sim.glob)
+    tight = tiny_config("fedsb", train={"rounds": 2, "max_update_norm": 1e-12})
+    sim = Simulation(tiny_prep, METHODS["fedsb"](tight))
+    sim.run_round(1)
+    assert sim.run_round(2).rejected == [0, 1, 2, 3]  # R's change is checked: every upload exceeds 1e-12
+
+
+def test_no_setup_upload_means_another_setup_round(tiny_prep, capsys):
+    """Every client failing the setup round must not leave R training between A = B = 0 for the rest of the
+    run (a zero gradient, silently): the next round is a setup round, with a warning."""
+    cfg = tiny_config("fedsb", train={"rounds": 2, "failures": [[1, c] for c in range(4)]})
+    sim = Simulation(tiny_prep, METHODS["fedsb"](cfg))
+    captured = spy_aggregate(sim)
+    sim.run_round(1)
+    assert captured == [] and not any(k.endswith(".sb_A") for k in sim.glob)
+    sim.run_round(2)
+    assert set(captured[0][0][0]) == {f"{l}.grad" for l in layers(tiny_prep)}  # round 2 sent gradients
+    assert "a setup round again" in capsys.readouterr().err
+    sim.run_round(3)
+    r_up = captured[1][0][0]
+    assert any(k.endswith(".sb_R") for k in r_up)
+    assert all(not torch.equal(sim.glob[k], torch.zeros_like(sim.glob[k])) for k in r_up if k.endswith(".sb_R"))
+
+
+def test_gradient_sum_in_fp32_for_a_bf16_backbone(tiny_prep):
+    """Where the frozen weights are bf16, the setup's sum over a client's batches is still taken in fp32:
+    exactly the fp32 sum of the per-batch bf16 gradients (a bf16 .grad would round the running sum)."""
+    from fedslip.model.lora_sb import full_weight_grads
+    from test_placement import placed
+
+    model = METHODS["fedsb"](tiny_config("fedsb")).build(placed(tiny_prep).backbone)
+    assert next(iter(model.layers.values())).base.weight.dtype == torch.bfloat16
+    batches = list(tiny_prep.train.eval_batches(tiny_prep.split.train[0], 2))
+    assert len(batches) > 2
+    got, _ = full_weight_grads(model, batches)
+    want = {}
+    for batch in batches:
+        one, _ = full_weight_grads(model, [batch])
+        want = {n: want.get(n, torch.zeros_like(g)) + g for n, g in one.items()}
+    for name, g in got.items():
+        assert g.dtype == torch.float32
+        assert torch.equal(g, want[name]), name

@@ -125,7 +125,9 @@ def test_server_averages_the_adapters(tiny_prep, monkeypatch):
         np.testing.assert_allclose(sim.glob[name].numpy(), expected, rtol=1e-5, atol=1e-7)
 
 
-def test_each_round_trains_adapter_then_local_model(tiny_prep, monkeypatch):
+def test_each_round_trains_local_model_then_adapter(tiny_prep, monkeypatch):
+    """The paper's order: the local model first, against the received global adapter (frozen), then the
+    adapter against the trained local model (frozen); the adapter uploaded is the one phase 2 left."""
     sim = Simulation(tiny_prep, METHODS["pfedlora"](tiny_config("pfedlora", method={"client_layers": LAYERS})))
     model, method = sim.model, sim.method
     adapter = model.global_names
@@ -139,18 +141,18 @@ def test_each_round_trains_adapter_then_local_model(tiny_prep, monkeypatch):
 
     monkeypatch.setattr(pfedlora_module, "sgd_step", spy_step)
     client, down = sim.clients[1], method.down_payload(sim.glob, 1)
-    before = dict(client.tensors)
     up, client, _ = method.local_update(model, down, client, sim.client_data(1, 1), 1)
     n = len(sim.client_data(1, 1).epoch())
     assert len(steps) == 2 * n
     states = [(a, loc) for _, a, loc in steps] + [(model.read(adapter), model.read(local))]  # before each step, end
-    for a, loc in states[:n + 1]:  # through the adapter phase the local model does not move
-        assert all(torch.equal(loc[k], before[k]) for k in local)
-    for a, loc in states[n:]:  # through the local phase the adapter does not move
-        assert all(torch.equal(a[k], up[k]) for k in adapter)
+    for a, loc in states[:n + 1]:  # through the local phase the adapter stays the received one
+        assert all(torch.equal(a[k], down[k]) for k in adapter)
+    for a, loc in states[n:]:  # through the adapter phase the local model does not move
+        assert all(torch.equal(loc[k], client.tensors[k]) for k in local)
+    assert all(torch.equal(states[-1][0][k], up[k]) for k in adapter)
     assert any(not torch.equal(up[k], down[k]) for k in adapter), "adapter did not train"
-    assert any(not torch.equal(client.tensors[k], before[k]) for k in local), "local model did not train"
-    assert [names for names, _, _ in steps] == [adapter] * n + [local] * n
+    assert any(not torch.equal(states[n][1][k], states[0][1][k]) for k in local), "local model did not train"
+    assert [names for names, _, _ in steps] == [local] * n + [adapter] * n
 
 
 def test_ledger_matches_payload_formula(run, tiny_prep):
@@ -207,8 +209,8 @@ def test_cli_tiny_run(tmp_path):
 
 
 def test_personal_model_uses_the_adapter_the_client_trained_with(run):
-    """The local model was trained against the client's own adapter (phase 2 follows phase 1), so the
-    personalized model is evaluated with that adapter, the one it uploaded last, not the new average."""
+    """The client's adapter was fitted to its local model (phase 2), so the personalized model is evaluated
+    with that adapter, the one it uploaded last, not the new average."""
     sim, _, sent, _, _, _ = run
     last_ups = sent[-3 * 4 + 1:-4:2]  # the last round's payloads: down, up per client, then 4 evaluation downloads
     for k, client in enumerate(sim.clients):

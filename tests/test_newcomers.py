@@ -228,3 +228,24 @@ def test_flower_newcomers_join_like_in_process(name, tiny_prep):
     step = 1.0 / held.n_test + 1e-9  # float sums may differ across runtimes: at most one example apart
     assert abs(fl_held.newcomer_acc - held.newcomer_acc) <= step
     assert abs(fl_held.newcomer_global_acc - held.newcomer_global_acc) <= step
+
+
+def test_flora_keeps_no_stack_for_a_newcomer_and_sends_it_the_merged_weights(tiny_prep):
+    """FLoRA keeps a round's stack while a training client lacks it; a held-out client never trains, so it
+    must not keep every stack alive: it gets the server's merged Δ, and its global model is the server's."""
+    from fedslip.methods.flora import STACK
+
+    sim, result, ledger, _ = held_out_run(tiny_prep, "flora", train={"rounds": 3})
+    assert_never_trained(result, ledger)
+    assert {k.split(".")[2] for k in sim.glob if k.startswith(STACK)} == {"3"}  # rounds 1, 2 dropped
+    down = sim.method.down_payload(sim.glob, HELD)
+    deltas = [k for k in sim.glob if k.endswith(".delta")]
+    assert deltas and all(torch.equal(down[k], sim.glob[k]) for k in deltas)
+    assert not any(k.endswith((".A", ".B")) for k in down)
+    method, model, state, _ = independent_join(tiny_prep, sim.method.cfg, sim.glob)
+    server = method.global_view(model, sim.glob, state)
+    on_client = method.global_view(model, down, state)
+    assert server.keys() == on_client.keys() and all(torch.equal(server[n], on_client[n]) for n in server)
+    assert result.clients[HELD].newcomer_global_acc == accuracy(tiny_prep, model, server, "global")
+    # a training client that missed rounds still gets stacks, not the merged weights
+    assert all(not any(k.endswith(".delta") for k in sim.method.down_payload(sim.glob, c)) for c in range(HELD))

@@ -137,8 +137,9 @@ class RoundProtocol:
             return None
         up = reply.answer.upload or {}
         spec = self.method.upload_spec(self.model, glob, cid, rnd)
+        bound = self.cfg.train.max_update_norm if self.method.checks_update_norm(glob) else None
         problem = reply.error or size_problem(reply.up_bytes, spec) or upload_problem(
-            up, spec, {} if self.method.uploads_deltas else down, self.cfg.train.max_update_norm)
+            up, spec, {} if self.method.uploads_deltas else down, bound)
         self.ledger.record(rnd, cid, "up", up, reply.up_bytes, reply.up_wire,
                            status="rejected" if problem else "ok", note=problem)
         if problem:

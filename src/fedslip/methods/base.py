@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from fedslip.data.batching import Batch
+from fedslip.errors import UserError
 from fedslip.model.adapted import AdaptedModel, Tensors
 from fedslip.model.backbone import Backbone
 
@@ -89,6 +90,7 @@ class Method:
     communicates = True
     uploads_deltas = False  # uploads are changes, not values (the norm check then takes them whole)
     persistent = True  # an upload holds the trained values, so the client can keep its last model (`sent`)
+    own_aggregation = False  # `aggregate` is part of the method (stacks, masks, a setup): no Flower strategy
     settings: dict = {}  # {section: {key: value}} this method always runs with (over the run's; by_method wins)
 
     def __init__(self, cfg: Config):
@@ -97,6 +99,10 @@ class Method:
         self.m = cfg.method
         self.t = cfg.train
         self.head = cfg.method.head or self.default_head
+        strategy = cfg.method.strategy or "method"
+        if strategy != "method" and self.own_aggregation:
+            raise UserError(f"method.strategy = {strategy!r}: {self.name} aggregates by a rule of its own, which a "
+                            f"Flower strategy cannot replace (set the strategy per method: by_method.<name>)")
 
     # --- model --------------------------------------------------------------------------------------
     def build(self, backbone: Backbone) -> AdaptedModel:
@@ -110,6 +116,10 @@ class Method:
 
     def rounds(self) -> int:
         return self.t.rounds
+
+    def checks_update_norm(self, glob: Tensors) -> bool:
+        """Whether this round's uploads are model values or changes, so that `train.max_update_norm` applies."""
+        return True
 
     def round_cost(self, rnd: int) -> float:
         """Round `rnd`'s local training relative to one pass of local steps: for time estimates only."""

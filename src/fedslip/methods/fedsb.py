@@ -28,7 +28,10 @@ costs r² per layer (+ head). η is `train.lr` (Adam's first step is ≈ lr·sig
 its lr by the warmup length because it warms up, our protocol does not). The model starts from that
 approximate first step (B R A = rank-r ΔW, non-zero; W0 is not compensated), as the reference code does.
 The setup round is a round of the run's records: its evaluation is that initial model, its train loss the
-loss at W0.
+loss at W0. Its uploads are gradient sums, not changes of the global state, so `train.max_update_norm` does
+not apply to them. Should none of them be aggregated (every client failed or was rejected), the next round
+is a setup round again, with a warning: the run then has one training round fewer, rather than training
+R between A = B = 0 (a zero gradient) for the rest of the run.
 
 Paper defaults used: α = r (scale 1, no α tuning), the sign-of-gradient estimate, exact SVD (the reference
 uses a randomized one), FedAvg of R. Rank: Fed-SB's R is tiny, so it runs at much larger ranks than LoRA
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import torch
 
+from fedslip.errors import warn
 from fedslip.methods.base import ClientData, ClientState, Method, Payload, adamw, mean, sgd_step, training, \
     weighted_mean
 from fedslip.model.adapted import AdaptedModel, Tensors
@@ -52,13 +56,14 @@ from fedslip.model.lora_sb import full_weight_grads, lora_sb_model, sb_init
 RANK_FACTOR = 8  # Fed-SB's rank per unit of the protocol's LoRA rank (8·8 = 64, Fed-SB's BERT-base rank)
 SETUP_ROUND = 1
 
-ROUND = "fedsb.round"  # server state: the last round aggregated (A, B exist once it is >= SETUP_ROUND)
+ROUND = "fedsb.round"  # server state: the last round aggregated
 HOLDERS = "fedsb.holders"  # server state, per client: 1 once an upload of it after the setup round was aggregated
 
 
 class FedSB(Method):
     name = "fedsb"
     persistent = False  # the setup round uploads gradients, not values: no persistent view
+    own_aggregation = True
     default_head = "shared"
 
     def rank(self) -> int:
@@ -88,13 +93,20 @@ class FedSB(Method):
 
     # --- server -> client -----------------------------------------------------------------------------
     @staticmethod
+    def basis_built(glob: Tensors) -> bool:
+        """Whether a setup round has been aggregated: until then every round is a setup round."""
+        return any(k.endswith(".sb_A") for k in glob)
+
+    def checks_update_norm(self, glob: Tensors) -> bool:
+        return self.basis_built(glob)  # a setup upload is a gradient sum, not a change of the state
+
+    @staticmethod
     def has_basis(glob: Tensors, cid: int) -> bool:
         """Whether client `cid` holds A and B: it got them in a training round it took part in."""
         return bool(glob[HOLDERS][cid])
 
     def down_payload(self, glob: Tensors, cid: int) -> Payload:
-        last = int(glob.get(ROUND, torch.tensor(0)))
-        if last < SETUP_ROUND:
+        if not self.basis_built(glob):
             return {}  # setup round: the client has all it needs (W0 and the seeded head)
         shared_head = self.head == "shared"
         down = {k: t for k, t in glob.items()
@@ -106,7 +118,7 @@ class FedSB(Method):
     # --- client ---------------------------------------------------------------------------------------
     def local_update(self, model: AdaptedModel, down: Payload, client: ClientState, data: ClientData,
                      rnd: int) -> tuple[Payload, ClientState, dict[str, float]]:
-        if rnd == SETUP_ROUND:
+        if not any(k.endswith(".sb_R") for k in down):  # a setup round: nothing built yet
             return self.gradient_estimate(model, client, data)
         client.tensors.update({k: t for k, t in down.items() if k.endswith((".sb_A", ".sb_B"))})
         model.load({**model.head_init, **down, **client.tensors})
@@ -130,7 +142,7 @@ class FedSB(Method):
 
     # --- server ---------------------------------------------------------------------------------------
     def upload_spec(self, model: AdaptedModel, glob: Tensors, cid: int, rnd: int) -> dict:
-        if rnd == SETUP_ROUND:  # gradient sums, one d_out × d_in matrix per adapted layer
+        if not self.basis_built(glob):  # a setup round: gradient sums, one d_out × d_in matrix per adapted layer
             return {f"{name}.grad": (tuple(layer.base.weight.shape), torch.float32)
                     for name, layer in model.layers.items()}
         return super().upload_spec(model, glob, cid, rnd)
@@ -138,7 +150,10 @@ class FedSB(Method):
     def aggregate(self, ups: list[tuple[Payload, int]], glob: Tensors, rnd: int,
                   participants: list[int]) -> Tensors:
         new = dict(glob)
-        if rnd == SETUP_ROUND:
+        if not self.basis_built(glob):
+            if rnd > SETUP_ROUND:
+                warn(f"fedsb round {rnd}: a setup round again (no setup upload was aggregated before); "
+                     f"the run has {rnd - SETUP_ROUND} training round(s) fewer")
             for key in ups[0][0]:
                 layer = key.removesuffix(".grad")
                 pooled = sum(p[key].double() for p, _ in ups)
@@ -161,6 +176,10 @@ class FedSB(Method):
         """
         basis = {k: t for k, t in client.tensors.items() if k.endswith((".sb_A", ".sb_B"))}
         sent = {k: t for k, t in glob.items() if k.endswith((".sb_A", ".sb_B", ".sb_R"))}
+        if not basis and not any(k.endswith(".sb_A") for k in sent):  # before any setup: W0, the seeded head
+            zeros = {n: torch.zeros_like(t) for n, t in model.read(self.r_names(model) + self.basis_names(model)).items()}
+            own = self.head_view(model, glob, client) if self.head == "local" else {}
+            return {**model.head_init, **zeros, **own}
         view = {**model.head_init, **basis, **sent}
         view.update(self.head_view(model, glob, client))
         return view

@@ -38,9 +38,11 @@ the stacks of several rounds gives the sum of their products — so the server s
 stack it has not merged yet, concatenated, in one payload. The server records, per client, the round in
 which it last took part (its upload was aggregated: it merged everything before that round), keeps a
 round's stack while some client still lacks it, and sends a client the stacks from that round on. With
-full participation this is exactly the last round's stack. A client whose upload was rejected did merge
-but is recorded as not having taken part, so it would merge some stacks twice: keep
-`train.max_update_norm` loose for FLoRA.
+full participation this is exactly the last round's stack. Held-out clients (newcomers,
+`partition.holdout_clients`) never train, so no stack is kept for them: a client that lacks a stack the
+server has dropped gets the server's merged Δ instead (d_out·d_in per layer) and takes it as its own. A
+client whose upload was rejected did merge but is recorded as not having taken part, so it would merge
+some stacks twice: keep `train.max_update_norm` loose for FLoRA.
 """
 
 from __future__ import annotations
@@ -61,11 +63,13 @@ DEFAULT_RANKS = [16, 8, 8, 4]
 ROUND = "flora.round"  # the last round aggregated
 TOOK_PART = "flora.took_part"  # per client: the last round whose upload was aggregated (0: never)
 STACK = "flora.stack."  # + "{round}." + "{layer}.A" / "{layer}.B": a stack some client has not merged yet
+KEPT = "flora.kept"  # the first round whose stack is still kept (earlier ones every training client merged)
 
 
 class FLoRA(Method):
     name = "flora"
     persistent = False  # uploads are fresh LoRAs merged into the weights: no persistent view
+    own_aggregation = True
     default_head = "shared"
 
     def __init__(self, cfg):
@@ -113,10 +117,17 @@ class FLoRA(Method):
         return glob
 
     def down_payload(self, glob: Tensors, cid: int) -> Payload:
-        """The stacks of every round this client has not merged (concatenated), plus a shared head."""
+        """The stacks of every round this client has not merged (concatenated), plus a shared head; the
+        merged Δ instead when some of those stacks are no longer kept (a newcomer's)."""
         last = int(glob.get(ROUND, torch.tensor(0)))
+        first = self.first_unmerged(glob, cid)
+        if first < int(glob.get(KEPT, torch.tensor(1))):
+            down = {k: t for k, t in glob.items() if k.endswith(".delta")}
+            if self.head == "shared":
+                down.update({k: t for k, t in glob.items() if is_head(k, self.cfg.model.head_modules)})
+            return down
         parts: dict[str, list[torch.Tensor]] = {}
-        for s in range(self.first_unmerged(glob, cid), last + 1):
+        for s in range(first, last + 1):
             prefix = f"{STACK}{s}."
             for key, t in glob.items():
                 if key.startswith(prefix):
@@ -130,10 +141,12 @@ class FLoRA(Method):
     def local_update(self, model: AdaptedModel, down: Payload, client: ClientState, data: ClientData,
                      rnd: int) -> tuple[Payload, ClientState, dict[str, float]]:
         rank = self.client_rank(data.cid)
-        # 1. merge the received stacks into this client's frozen weights: W <- W + B A
+        # 1. merge the received stacks into this client's frozen weights: W <- W + B A (or take the server's)
         for layer in model.layers:
-            if f"{layer}.A" in down:
-                name = f"{layer}.delta"
+            name = f"{layer}.delta"
+            if name in down:
+                client.tensors[name] = down[name].clone()
+            elif f"{layer}.A" in down:
                 client.tensors[name] = client.tensors[name] + down[f"{layer}.B"] @ down[f"{layer}.A"]
         # 2. a fresh LoRA of the client's rank on top of the merged weights
         fresh: Tensors = {}
@@ -196,10 +209,12 @@ class FLoRA(Method):
         took_part = glob.get(TOOK_PART, torch.zeros(self.cfg.partition.n_clients, dtype=torch.int64)).clone()
         took_part[participants] = rnd
         new[TOOK_PART] = took_part
-        oldest = min(self.first_unmerged(new, k) for k in range(self.cfg.partition.n_clients))
-        for key in [k for k in new if k.startswith(STACK)]:  # stacks every client has merged
+        trained = range(self.cfg.partition.n_clients - self.cfg.partition.holdout_clients)
+        oldest = min(self.first_unmerged(new, k) for k in trained)
+        for key in [k for k in new if k.startswith(STACK)]:  # stacks every training client has merged
             if int(key[len(STACK):].split(".", 1)[0]) < oldest:
                 del new[key]
+        new[KEPT] = torch.tensor(oldest)
         return new
 
     # --- evaluation -----------------------------------------------------------------------------------

@@ -80,6 +80,7 @@ class FLoRAL(Method):
     default_head = "shared"
     personalizes = True
     uploads_deltas = True
+    own_aggregation = True
 
     # --- model --------------------------------------------------------------------------------------
     def make_model(self, backbone: Backbone) -> AdaptedModel:

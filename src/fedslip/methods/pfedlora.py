@@ -22,20 +22,19 @@ classification head. The head is therefore `local` (the only head policy this me
 head would average classifiers of different depths, and the engine's single-view evaluation of a shared
 or frozen head cannot represent clients of different depths).
 
-Iterative training, each round (the paper's global-local knowledge exchange): the client loads the global
-adapter, then
-1. adapter phase: `local_epochs` epochs training only the adapter, its local model frozen (a fresh AdamW:
-   the adapter is re-downloaded every round);
-2. local phase: `local_epochs` epochs training only its local model, the adapter frozen (its output is
-   detached, so gradients reach only the local model); this AdamW's state persists on the client across
+Iterative training, each round (the paper's global-local knowledge exchange, in its order: global to
+local, then local to global): the client loads the global adapter, then
+1. local phase: `local_epochs` epochs training only its local model, the global adapter frozen (its output
+   is detached, so gradients reach only the local model); this AdamW's state persists on the client across
    rounds, as the local model does;
-and uploads the adapter as it left phase 1. The server averages the adapters by example counts (FedAvg).
+2. adapter phase: `local_epochs` epochs training only the adapter, its local model frozen (a fresh AdamW:
+   the adapter is re-downloaded every round);
+and uploads the adapter as it left phase 2. The server averages the adapters by example counts (FedAvg).
 Per client and round, up = down = r_g·(d_in + d_out) per adapted projection of the first L_min layers.
 
 Evaluation. Personalized: the client's whole model as it left local training (depth L_k, the adapter it
-uploaded, private LoRA, head), the metric the paper reports. Not with the freshly averaged adapter: the local
-model was trained against the client's own adapter and never saw the average (each round begins by adapting
-the average in phase 1). Global: none (`global_view` is None, shown as "—"). A model-heterogeneous federation has no
+uploaded, private LoRA, head), the metric the paper reports. Not with the freshly averaged adapter: the
+adapter the client uploaded was fitted to its local model in phase 2, the average never was. Global: none (`global_view` is None, shown as "—"). A model-heterogeneous federation has no
 single global model, and the adapter alone is not a classifier: each head is trained with its client's
 private LoRA active, so "adapter + head, private LoRA off" is a model nobody trained (measured on the
 quick preset it was at chance, 25 %, on the balanced test set).
@@ -127,13 +126,13 @@ class PFedLoRA(Method):
         opt_l = adamw(model.params(local), self.lr(rnd), self.t.weight_decay, client.optim.get("local"))
         a_losses, l_losses = [], []
         with training(model):
-            with model.mode("both"):  # 1. adapter phase: the local model frozen
+            with model.mode("private"):  # 1. local phase: the global adapter frozen (its output detached)
+                for batch in self.local_batches(data):
+                    l_losses.append(sgd_step(model, batch, local, opt_l, self.t.clip))
+            with model.mode("both"):  # 2. adapter phase: the local model frozen
                 for batch in self.local_batches(data):
                     a_losses.append(sgd_step(model, batch, adapter, opt_a, self.t.clip))
             up = model.read(adapter)
-            with model.mode("private"):  # 2. local phase: the adapter frozen (its output detached)
-                for batch in self.local_batches(data):
-                    l_losses.append(sgd_step(model, batch, local, opt_l, self.t.clip))
         client.optim["local"] = opt_l.state_dict()
         client.tensors.update(model.read(local))
         return up, client, {"loss": mean(l_losses), "adapter_loss": mean(a_losses)}

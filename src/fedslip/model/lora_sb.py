@@ -59,9 +59,11 @@ def full_weight_grads(model: AdaptedModel, batches) -> tuple[Tensors, float]:
     """Σ over the examples of ∂loss/∂W0 for every adapted layer's frozen weight, and the mean loss.
 
     The sum (not the mean) so that the server can add clients' sums into the sum over all their examples.
-    Computed with dropout off: the estimate is of the expected gradient at the loaded weights.
+    Computed with dropout off: the estimate is of the expected gradient at the loaded weights. Summed in
+    fp32 batch by batch: a bf16-stored weight's own .grad would keep the whole sum to 8 bits.
     """
     weights = {name: layer.base.weight for name, layer in model.layers.items()}
+    sums = {name: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
     model.set_trainable([])
     model.net.eval()
     total, count = 0.0, 0
@@ -73,8 +75,11 @@ def full_weight_grads(model: AdaptedModel, batches) -> tuple[Tensors, float]:
             logits = model.logits(batch.input_ids, batch.attention_mask)
             loss = F.cross_entropy(logits, batch.labels.to(logits.device), reduction="sum")
             loss.backward()
+            for name, w in weights.items():
+                sums[name] += w.grad
+                w.grad = None
             total, count = total + float(loss.detach()), count + len(batch)
-        return {name: w.grad.detach().float().cpu() for name, w in weights.items()}, total / max(count, 1)
+        return {name: s.cpu() for name, s in sums.items()}, total / max(count, 1)
     finally:
         for w in weights.values():
             w.requires_grad_(False)
