@@ -7,6 +7,7 @@ import torch
 
 from fedslip.federation.inprocess import Simulation
 from fedslip.methods import METHODS
+from fedslip.methods.base import ClientState
 
 from conftest import tiny_config
 
@@ -40,22 +41,74 @@ def test_private_head_is_trained_in_the_private_step_used_by_the_personal_model_
     assert uploaded == set(method.shared_names(model))  # the own head never travels
 
 
+def assert_top_share(weights, masks, share: float) -> None:
+    for n, w in weights.items():
+        mask = masks[f"{n}_mask"]
+        keep = round(share * w.numel())
+        assert int(mask.sum()) == keep
+        top = torch.topk(w.abs().flatten(), keep).values.min()
+        assert torch.all(w.abs()[mask.bool()] >= top) and torch.all(w.abs()[~mask.bool()] <= top)
+
+
 def test_dense_warmup_trains_unmasked_then_keeps_the_largest_trained_weights(tiny_prep):
-    sim = simulate(tiny_prep, 2, private_warmup="dense", warmup_rounds=2, sparsity=0.75)
+    sim = simulate(tiny_prep, 3, private_warmup="dense", warmup_rounds=2, sparsity=0.75)
     name = sim.model.private_names[0]
     init = sim.clients[1].tensors[name].clone()
     assert torch.all(sim.clients[1].tensors[f"{name}_mask"] == 1)
     sim.run_round(1)
     state = sim.clients[1]
     assert not torch.equal(state.tensors[name], init)  # private steps ran during warmup
-    assert torch.all(state.tensors[f"{name}_mask"] == 1)  # still dense before the warmup ends
     sim.run_round(2)
-    for n in sim.model.private_names:
-        w, mask = state.tensors[n], state.tensors[f"{n}_mask"]
-        keep = round(0.25 * w.numel())
-        assert int(mask.sum()) == keep
-        top = torch.topk(w.abs().flatten(), keep).values.min()
-        assert torch.all(w.abs()[mask.bool()] >= top) and torch.all(w.abs()[~mask.bool()] <= top)
+    assert torch.all(state.tensors[f"{name}_mask"] == 1)  # dense through the warmup's last round
+    trained = {n: state.tensors[n].clone() for n in sim.model.private_names}
+    sim.run_round(3)  # the first round after the warmup prunes, by the magnitudes the warmup left
+    assert_top_share(trained, state.tensors, 0.25)
+
+
+def test_a_client_that_missed_the_warmups_last_round_prunes_at_its_next_one(tiny_prep):
+    cfg = tiny_config("fedslip", train={"rounds": 4, "failures": [[2, 1], [3, 1]]},
+                      method={"private_warmup": "dense", "warmup_rounds": 2, "sparsity": 0.75})
+    sim = Simulation(tiny_prep, METHODS["fedslip"](cfg))
+    for rnd in (1, 2, 3):
+        sim.run_round(rnd)
+    state, names = sim.clients[1], sim.model.private_names
+    assert all(torch.all(state.tensors[f"{n}_mask"] == 1) for n in names)  # no round of its own since round 1
+    assert all(int(sim.clients[0].tensors[f"{n}_mask"].sum()) < state.tensors[n].numel() for n in names)
+    trained = {n: state.tensors[n].clone() for n in names}
+    sim.run_round(4)
+    assert_top_share(trained, state.tensors, 0.25)
+
+
+def test_persistent_view_after_the_warmup_is_the_dense_model_as_trained(tiny_prep):
+    """The round ending the warmup leaves the client's model as it trained it: pruning (and rewinding) come
+    with its next round, so the persistent view evaluated in between is that model."""
+    sim = simulate(tiny_prep, 3, private_warmup="dense", warmup_rounds=2, private_rewind=True)
+    real = sim.method.local_update
+    left = {}
+
+    def spy(model, down, client, data, rnd):
+        out = real(model, down, client, data, rnd)
+        left[data.cid] = model.read(model.private_names)
+        return out
+
+    sim.method.local_update = spy
+    sim.run_round(1)
+    sim.run_round(2)
+    state = sim.clients[1]
+    view = sim.method.persistent_view(sim.model, sim.method.down_payload(sim.glob, 1), state)
+    assert all(torch.equal(view[n], left[1][n]) for n in sim.model.private_names)
+    assert all(torch.all(view[f"{n}_mask"] == 1) for n in sim.model.private_names)
+
+
+def test_dense_warmup_newcomer_joins_with_sparse_masks(tiny_prep):
+    from test_newcomers import HELD, held_out_run
+
+    sim, result, _, views = held_out_run(tiny_prep, "fedslip", train={"rounds": 2},
+                                         method={"private_warmup": "dense", "warmup_rounds": 1, "sparsity": 0.75})
+    masks = {n: views[HELD][n] for n in sim.model.mask_names}
+    assert masks and all(int(m.sum()) == round(0.25 * m.numel()) for m in masks.values())
+    assert all(torch.all(sim.clients[HELD].tensors[n] == 1) for n in masks)  # its stored state untouched
+    assert result.clients[HELD].newcomer_acc is not None
 
 
 def test_private_steps_see_the_received_global_track_when_asked(tiny_prep, monkeypatch):
@@ -117,18 +170,20 @@ def test_rewind_restarts_the_kept_private_weights_from_their_initial_values(tiny
     state = sim.clients[1]
     init = {n: state.tensors[n].clone() for n in sim.model.private_names}
     sim.run_round(1)
+    sim.run_round(2)
     assert "private" in state.optim and not torch.equal(state.tensors[sim.model.private_names[0]],
                                                         init[sim.model.private_names[0]])
-    sim.run_round(2)  # the warmup ends: prune by trained magnitude, then rewind
+    trained = {n: state.tensors[n].clone() for n in sim.model.private_names}
+    pruned = ClientState(tensors=dict(state.tensors), optim=dict(state.optim))
+    sim.method.prune_after_warmup(sim.model, pruned, 1, 3)  # what round 3 does first
     for n in sim.model.private_names:
-        assert torch.equal(state.tensors[n], init[n])
-    a_masks = [state.tensors[f"{n}_mask"] for n in sim.model.private_names if n.endswith("_A")]
-    assert all(int(m.sum()) == round(0.25 * m.numel()) for m in a_masks)
-    # the masks came from the trained values, not from the initial ones they were rewound to
-    fresh = sim.method.masks(sim.model, init, 1)
-    assert any(not torch.equal(state.tensors[k], fresh[k]) for k in fresh if k.endswith("_A_mask"))
-    assert "private" not in state.optim  # the trained values' AdamW moments are gone
+        assert torch.equal(pruned.tensors[n], init[n])
+    assert_top_share(trained, pruned.tensors, 0.25)  # masks from the trained values, not the rewound ones
+    assert "private" not in pruned.optim  # the trained values' AdamW moments are gone
+    sim.method.prune_after_warmup(sim.model, pruned, 1, 4)  # once only
+    assert all(torch.equal(pruned.tensors[n], init[n]) for n in sim.model.private_names)
     sim.run_round(3)
+    assert all(torch.equal(state.tensors[f"{n}_mask"], pruned.tensors[f"{n}_mask"]) for n in sim.model.private_names)
     assert not torch.equal(state.tensors[sim.model.private_names[0]], init[sim.model.private_names[0]])
 
 

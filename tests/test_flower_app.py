@@ -154,3 +154,16 @@ def test_run_config_builds_the_fedslip_config():
     with pytest.raises(UserError):
         config_from_run({"method": "no-such-method"})
     assert flower_runtime.split_overrides("a.b=1; c.d='x'\ne.f=2") == ["a.b=1", "c.d='x'", "e.f=2"]
+
+
+def test_client_side_runs_with_the_methods_own_settings(tiny_prep):
+    """`by_method` settings reach a Flower node as they reach the in-process clients: the node batches its
+    data at the method's batch size and asks K-step as the method says."""
+    from fedslip.federation.flower.runtime import runtime_for
+
+    cfg = tiny_config("fedavg", by_method={"fedavg": {"train": {"batch_size": 3}, "method": {"kstep": False}}})
+    rt = runtime_for(cfg, dataclasses.replace(tiny_prep, cfg=cfg))
+    assert cfg.train.batch_size != 3 and cfg.method.kstep
+    assert rt.side.cfg.train.batch_size == 3 and not rt.side.cfg.method.kstep
+    assert rt.side.data(0, 1).batch_size == 3
+    assert rt.side.cfg == Simulation(tiny_prep, METHODS["fedavg"](cfg)).side.cfg

@@ -18,6 +18,7 @@ class DualTrackNaive(DualTrack):
     default_head = "shared"
 
     def local_update(self, model: AdaptedModel, down, client: ClientState, data: ClientData, rnd: int):
+        self.prune_after_warmup(model, client, data.cid, rnd)
         model.load(self.client_view(model, down, client))
         names = self.global_train_names(model) + model.private_names
         opt = adamw(model.params(names), self.lr(rnd), self.t.weight_decay)

@@ -38,6 +38,7 @@ from fedslip.seeding import SideStream, client_gen, derive, torch_gen
 
 
 OWN = "own."  # client.tensors prefix of a private head
+PRUNED = "pruned"  # client.optim: the round a dense warmup's pruning happened
 
 
 class Swap:
@@ -83,15 +84,27 @@ class DualTrack(Method):
         return model.masks_for(private, self.m.sparsity, mask_generator(self.t.seed, cid), self.m.mask_ties)
 
     def refresh_masks(self, model: AdaptedModel, client: ClientState, cid: int, rnd: int) -> None:
-        """During warmup, masks follow the private weights' magnitudes; a dense warmup prunes once, at its end,
-        and with `private_rewind` the kept weights then start again from their initial values (their AdamW
-        moments, which belong to the trained values, are dropped)."""
-        if rnd <= self.m.warmup_rounds:
-            private = model.read(model.private_names)
-            client.tensors.update(self.masks(model, private, cid, dense=self.dense_warmup() and rnd < self.m.warmup_rounds))
-            if self.m.private_rewind and rnd == self.m.warmup_rounds:
-                client.tensors.update(self.initial_private(model, cid))
-                client.optim.pop("private", None)
+        """During a masked warmup, masks follow the private weights' magnitudes after each round."""
+        if rnd <= self.m.warmup_rounds and not self.dense_warmup():
+            client.tensors.update(self.masks(model, model.read(model.private_names), cid))
+
+    def prune_after_warmup(self, model: AdaptedModel, client: ClientState, cid: int, rnd: int) -> None:
+        """A dense warmup prunes once, by the private weights' magnitudes, as the client's first round after
+        the warmup begins: a client that missed the warmup's last round prunes at its next one, a newcomer
+        when it joins. With `private_rewind` the kept weights then start again from their initial values
+        (their AdamW moments, which belong to the trained values, are dropped)."""
+        if not self.dense_warmup() or rnd <= self.m.warmup_rounds or self.pruned(model, client):
+            return
+        client.tensors.update(self.masks(model, {n: client.tensors[n] for n in model.private_names}, cid))
+        client.optim[PRUNED] = rnd
+        if self.m.private_rewind:
+            client.tensors.update(self.initial_private(model, cid))
+            client.optim.pop("private", None)
+
+    @staticmethod
+    def pruned(model: AdaptedModel, client: ClientState) -> bool:
+        """Whether the dense warmup's pruning happened (a state saved before the flag existed: a zero in a mask)."""
+        return PRUNED in client.optim or any(not bool(client.tensors[n].all()) for n in model.mask_names)
 
     def initial_private(self, model: AdaptedModel, cid: int):
         """The private track's values as `init_client` drew them (from the client's generator, which nothing
@@ -130,7 +143,9 @@ class DualTrack(Method):
 
     def join_view(self, model: AdaptedModel, down, client: ClientState, data: ClientData):
         """A newcomer trains only its own tensors (private track, private head) on the final global model."""
-        return private_join(self, model, down, client, data)
+        joining = ClientState(tensors=dict(client.tensors), optim=dict(client.optim), sent=dict(client.sent))
+        self.prune_after_warmup(model, joining, data.cid, self.rounds() + 1)
+        return private_join(self, model, down, joining, data)
 
 
 class FedSLIP(DualTrack):
@@ -138,6 +153,7 @@ class FedSLIP(DualTrack):
     default_head = "shared"
 
     def local_update(self, model: AdaptedModel, down, client: ClientState, data: ClientData, rnd: int):
+        self.prune_after_warmup(model, client, data.cid, rnd)
         model.load(self.client_view(model, down, client))
         g_names = self.global_train_names(model)
         p_names = model.private_names + (model.head_names if self.m.private_head else [])

@@ -57,7 +57,7 @@ class Runtime:
         self.prep = prep
         self.method = method_for(cfg)
         self.model = self.method.build(self.prep.backbone)
-        self.side = ClientSide(cfg, self.prep, self.method, self.model)
+        self.side = ClientSide(self.method.cfg, self.prep, self.method, self.model)  # by_method applied, as in-process
         self.n_clients = len(self.prep.split.train)
 
 
