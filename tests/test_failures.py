@@ -126,6 +126,24 @@ def test_outputs_say_who_failed(tiny_prep, tmp_path):
     assert all(c.personal_acc is not None for c in result.clients)
 
 
+def test_rounds_csv_means_leave_out_unevaluated_clients_as_results_json_does(tiny_prep, tmp_path):
+    """Half the clients per round: a client not yet selected has no persistent model (NaN); the round's mean
+    in rounds.csv is over the clients that have one, not NaN."""
+    import math
+
+    from fedslip.evaluation.outputs import write_outputs
+
+    cfg = tiny_config("fedslip", train={"rounds": 2, "client_fraction": 0.5}, method={"warmup_rounds": 0})
+    result, ledger = Simulation(tiny_prep, METHODS["fedslip"](cfg)).run()
+    write_outputs(tmp_path, tiny_prep, [(result, ledger)], 1.0)
+    with open(tmp_path / "rounds.csv", encoding="utf-8") as f:
+        first = next(csv.DictReader(f))
+    values = result.rounds[0].persistent_acc
+    present = [v for v in values if not math.isnan(v)]
+    assert 0 < len(present) < len(values)
+    assert float(first["persistent_acc_mean"]) == pytest.approx(sum(present) / len(present))
+
+
 @pytest.mark.parametrize("name", ["fedslip", "flora", "fedsb", "floral"])
 def test_flower_nodes_that_do_not_answer_give_the_same_run(tiny_prep, tmp_path, name):
     """The same failures as nodes that never answer their train message: same states, ledger, accuracies."""

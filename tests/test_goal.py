@@ -47,3 +47,12 @@ def test_over_seeds_the_verdict_is_on_the_means_with_the_seeds_that_met_each_par
     text = to_markdown([goal])
     assert "| fedslip-plus | 90.7 vs 90.0: met (1 of 3 seeds) | 84.3 vs 85.0: NOT met (2 of 3 seeds) |" in text
     assert text.rstrip().endswith("| NOT met |") and "all three (means)" in text
+
+
+def test_values_that_round_alike_get_the_decimals_that_tell_them_apart():
+    """A verdict is on the unrounded numbers: '90.0 vs 90.0: NOT met' would read as a contradiction."""
+    (goal,) = goal_rows([FEDAVG, row("fedslip-plus", glob=0.85, personal=0.89996)])
+    text = to_markdown([goal])
+    assert "| 89.996 vs 90.000: NOT met |" in text
+    (goal,) = goal_rows([FEDAVG, row("fedslip-plus", glob=0.85, personal=0.90)])
+    assert "| 90.0 vs 90.0: met |" in to_markdown([goal])

@@ -33,8 +33,16 @@ def _candidates(rows: Sequence[Mapping]) -> list[Mapping]:
             and all(r.get(key) is not None for _, key, _, _ in PARTS)]
 
 
-def _fmt(part: str, x: float) -> str:
-    return f"{x:.3f}" if part == "MiB/round" else f"{100 * x:.1f}"
+def _fmt(part: str, x: float, extra: int = 0) -> str:
+    return f"{x:.{3 + extra}f}" if part == "MiB/round" else f"{100 * x:.{1 + extra}f}"
+
+
+def _pair(part: str, ours: float, theirs: float) -> tuple[str, str]:
+    """Both values, with as many more decimals (up to 3) as it takes for unequal values to read unequal."""
+    extra = 0
+    while extra < 3 and ours != theirs and _fmt(part, ours, extra) == _fmt(part, theirs, extra):
+        extra += 1
+    return _fmt(part, ours, extra), _fmt(part, theirs, extra)
 
 
 def goal_rows(rows: Sequence[Mapping], per_seed: Mapping[int, Sequence[Mapping]] | None = None) -> list[dict]:
@@ -66,7 +74,8 @@ def to_markdown(goals: Sequence[dict]) -> str:
         return ""
 
     def cell(p: dict) -> str:
-        text = f"{_fmt(p['part'], p['ours'])} vs {_fmt(p['part'], p['fedavg'])}: {'met' if p['met'] else 'NOT met'}"
+        ours, theirs = _pair(p["part"], p["ours"], p["fedavg"])
+        text = f"{ours} vs {theirs}: {'met' if p['met'] else 'NOT met'}"
         return text + (f" ({p['seeds_met']} of {p['seeds']} seeds)" if "seeds" in p else "")
 
     seeds = "seeds" in goals[0]["parts"][0]

@@ -27,8 +27,13 @@ def group_accuracy(model: AdaptedModel, view: Tensors, mode: str, encoded: Encod
     return [float(correct[g].mean()) for g in groups]
 
 
+def scored(value: float | None) -> bool:
+    """Whether a client's accuracy exists (None: no such view; NaN: the client was not evaluated)."""
+    return value is not None and not math.isnan(value)
+
+
 def _means(values: list[float | None], weights: list[int]) -> tuple[float | None, float | None, float | None]:
-    pairs = [(v, w) for v, w in zip(values, weights) if v is not None and not math.isnan(v)]
+    pairs = [(v, w) for v, w in zip(values, weights) if scored(v)]
     if not pairs:
         return None, None, None
     vs = [v for v, _ in pairs]
