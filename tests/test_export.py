@@ -380,3 +380,24 @@ def test_predict_out_under_a_file_is_one_line(client_export, tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
     rc = main(["predict", str(client_export), "--text", "hello", "--out", str(tmp_path / "afile" / "p.csv")])
     assert "cannot be created" in one_line_error(capsys, rc)
+
+
+def test_predict_reads_json_values_as_training_does(client_export, tmp_path):
+    """A JSON 0 or false is text ("0", "False"), a null or NaN is missing (""), as a run reads its data."""
+    from fedslip.data.sources import read_jsonl_rows, joined_text
+    from fedslip.export.predict import read_texts
+
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"a": 0, "b": false}\n{"a": null, "b": "x"}\n{"a": NaN, "b": "y"}\n', encoding="utf-8")
+    got = read_texts(data, ["a", "b"])
+    assert got == [joined_text(row, ["a", "b"]) for _, row in read_jsonl_rows(data, ["a", "b"], "")]
+    assert got == ["0 False", " x", " y"]
+
+
+def test_a_relative_backbone_folder_is_written_as_an_absolute_path(tmp_path, monkeypatch):
+    from fedslip.export.peft_folder import base_name
+
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert base_name("models/mine") == str(tmp_path / "models" / "mine")
+    assert base_name("distilbert-base-uncased") == "distilbert-base-uncased"

@@ -249,3 +249,16 @@ def test_flora_keeps_no_stack_for_a_newcomer_and_sends_it_the_merged_weights(tin
     assert result.clients[HELD].newcomer_global_acc == accuracy(tiny_prep, model, server, "global")
     # a training client that missed rounds still gets stacks, not the merged weights
     assert all(not any(k.endswith(".delta") for k in sim.method.down_payload(sim.glob, c)) for c in range(HELD))
+
+
+def test_a_held_out_client_is_not_exported(tmp_path, capsys):
+    """Its joined model is evaluated once and not kept: exporting its stored (never trained) state as its
+    personal model would be a model nobody evaluated."""
+    out = tmp_path / "run"
+    assert main(["run", "--method", "fedslip", "--quiet", "--out", str(out),
+                 *sets(["partition.holdout_clients=1", "train.rounds=1"])]) == 0
+    capsys.readouterr()
+    rc = main(["export", str(out), "--client", str(HELD), "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "was held out" in err and not (tmp_path / "x").exists()
+    assert main(["export", str(out), "--client", "0", "--out", str(tmp_path / "y")]) == 0

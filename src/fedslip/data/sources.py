@@ -269,6 +269,11 @@ def _missing(v) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip())
 
 
+def joined_text(row: dict, columns: list[str]) -> str:
+    """A row's text columns joined by a space, a missing value counting as "" (training and predict alike)."""
+    return " ".join("" if _missing(row.get(c)) else str(row.get(c)) for c in columns)
+
+
 def _texts_and_labels(rows: list[tuple[int, dict]], cfg: DataConfig, file: str,
                       unit: str = "line") -> tuple[list[str], list, list[int]]:
     """Join the text columns with " " (a missing one counts as ""); a missing label is an error. Rows whose
@@ -276,7 +281,7 @@ def _texts_and_labels(rows: list[tuple[int, dict]], cfg: DataConfig, file: str,
     Returns (texts, labels, line of each kept row); `unit` is how `file` counts rows ("line" or "row")."""
     texts, labels, lines, empty = [], [], [], []
     for n, row in rows:
-        text = " ".join("" if _missing(row.get(c)) else str(row.get(c)) for c in cfg.text_columns)
+        text = joined_text(row, cfg.text_columns)
         if not text.strip():
             empty.append(n)
             continue

@@ -19,6 +19,9 @@ def metric_rows(view: TrainedView) -> list[tuple[str, str]]:
         return [("global accuracy (balanced global test set)", _pct(final.get("global_acc"))),
                 ("mean accuracy on the clients' test sets", _pct(final.get("client_acc_mean")))]
     c = view.result["clients"][view.client]
+    if not view.method.personalizes:  # the client's model is the global one
+        return [(f"accuracy on client {view.client}'s test set ({c['n_test']} examples)", _pct(c["client_acc"])),
+                ("training examples of this client", str(c["n_train"]))]
     return [(f"accuracy on client {view.client}'s test set ({c['n_test']} examples)", _pct(c["personal_acc"])),
             ("the global model on the same test set", _pct(c["client_acc"])),
             ("training examples of this client", str(c["n_train"]))]

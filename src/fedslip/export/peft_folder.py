@@ -39,6 +39,12 @@ LAYER_TOLERANCE = 1e-4  # relative to the largest |change| the layer adds
 LOGIT_TOLERANCE = 1e-4  # relative to the largest |logit| (at least 1)
 
 
+def base_name(backbone: str) -> str:
+    """The base model as the folder names it: a local folder made absolute (a relative one would be looked
+    up from wherever the folder is later loaded), a hub name as it is."""
+    return str(Path(backbone).resolve()) if Path(backbone).is_dir() else backbone
+
+
 @contextmanager
 def quiet_peft():
     """PEFT calls a transformers method that transformers 5 deprecates: one FutureWarning per call, not ours."""
@@ -64,7 +70,7 @@ def build_peft_model(view: TrainedView):
                         modules_to_save=sorted({head_module(view, n) for n in heads}))
     with quiet_peft():
         peft_model = get_peft_model(copy.deepcopy(view.backbone.model), config)
-    peft_model.peft_config[ADAPTER].base_model_name_or_path = view.cfg.model.backbone
+    peft_model.peft_config[ADAPTER].base_model_name_or_path = base_name(view.cfg.model.backbone)
     inner = peft_model.base_model.model
     lora = {n for n, m in inner.named_modules() if isinstance(m, LoraLayer)}
     if lora != set(pairs):
@@ -164,7 +170,7 @@ def export(view: TrainedView, out: Path) -> dict:
         check_loaded(loaded, written, stage)
         check_layers(view, loaded)
         gap = check_logits(view, loaded)
-        meta = {"format": 1, "backbone": view.cfg.model.backbone, "backbone_seed": view.cfg.train.seed,
+        meta = {"format": 1, "backbone": base_name(view.cfg.model.backbone), "backbone_seed": view.cfg.train.seed,
                 "num_labels": len(view.label_names), "label_names": view.label_names,
                 "max_length": view.cfg.model.max_length, "text_columns": view.cfg.data.text_columns,
                 "method": view.method.name, "client": view.client, "mode": view.mode, "rank": rank,

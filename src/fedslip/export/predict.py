@@ -20,7 +20,7 @@ import torch
 
 from fedslip.atomic import atomic_file
 from fedslip.data.batching import Encoded
-from fedslip.data.sources import read_csv_rows, read_jsonl_rows
+from fedslip.data.sources import joined_text, read_csv_rows, read_jsonl_rows
 from fedslip.errors import UserError
 from fedslip.export.peft_folder import META, quiet_peft
 from fedslip.model.backbone import load_backbone
@@ -79,7 +79,7 @@ def read_texts(path: Path, columns: list[str]) -> list[str]:
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     read = read_jsonl_rows if is_jsonl(path) else read_csv_rows
-    return [" ".join(str(row[c] or "") for c in columns) for _, row in read(path, columns, "pass --text-columns")]
+    return [joined_text(row, columns) for _, row in read(path, columns, "pass --text-columns")]
 
 
 def write_predictions(out: Path, texts: list[str], probs: np.ndarray, names: list[str]) -> None:

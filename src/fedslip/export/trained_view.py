@@ -112,6 +112,10 @@ def load_view(run_dir: Path, client: int | None, method: str | None = None,
                             "--global exports")
         if not 0 <= client < len(clients):
             raise UserError(f"--client {client}: the run has clients 0..{len(clients) - 1}")
+        first_held = cfg.partition.n_clients - cfg.partition.holdout_clients
+        if client >= first_held:
+            raise UserError(f"--client {client} was held out (partition.holdout_clients): it only joined once, and "
+                            f"that model is not kept; export --global or a client in 0..{first_held - 1}")
         view, mode = m.personal_view(model, m.down_payload(glob, client), clients[client]), "both"
     model.load(view)
     model.net.eval()  # the adapter layers are created in training mode: their dropout must be off, as after training
