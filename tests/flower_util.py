@@ -64,7 +64,8 @@ def ledger_rows(ledger) -> list[tuple]:
             for e in ledger.entries]
 
 
-def flower_run(tmp, method, prep, sections, before_round=None, run_id=11, n_nodes=4, drops=None, **run_extra):
+def flower_run(tmp, method, prep, sections, before_round=None, run_id=11, n_nodes=4, drops=None, late=None,
+               **run_extra):
     """Run the registered ServerApp over 4 in-process nodes with state folders; return (server, grid, out)."""
     from flwr.app import Context, RecordDict
 
@@ -78,7 +79,7 @@ def flower_run(tmp, method, prep, sections, before_round=None, run_id=11, n_node
     cfg = config_from_run(rc)
     runtime_for(cfg, dataclasses.replace(prep, cfg=cfg))  # reuse the session's tokenized data and backbone
     nodes = [{"partition-id": k, "num-partitions": n_nodes, "state-dir": str(tmp / f"node{k}")} for k in range(n_nodes)]
-    grid = LocalGrid(client_app, nodes, rc, run_id=run_id, drops=drops)
+    grid = LocalGrid(client_app, nodes, rc, run_id=run_id, drops=drops, late=late)
     servers = []
     real_init = FlowerServer.__init__
 

@@ -144,9 +144,12 @@ def test_rounds_csv_means_leave_out_unevaluated_clients_as_results_json_does(tin
     assert float(first["persistent_acc_mean"]) == pytest.approx(sum(present) / len(present))
 
 
-@pytest.mark.parametrize("name", ["fedslip", "flora", "fedsb", "floral"])
-def test_flower_nodes_that_do_not_answer_give_the_same_run(tiny_prep, tmp_path, name):
-    """The same failures as nodes that never answer their train message: same states, ledger, accuracies."""
+@pytest.mark.parametrize("name,late", [("fedslip", False), ("flora", False), ("fedsb", False), ("floral", False),
+                                       ("fedslip", True), ("flora", True)])
+def test_flower_nodes_that_do_not_answer_give_the_same_run(tiny_prep, tmp_path, name, late):
+    """The same failures as nodes that never answer their train message, or answer after the server's
+    timeout (they trained, but the server counted them as failed: they go back to their state before the
+    round): same states, ledger, accuracies."""
     pytest.importorskip("flwr", reason="the Flower runtime needs the `flower` extra: pip install -e '.[flower]'")
     from flower_util import assert_same_state, flower_run, snapshot_rounds
 
@@ -155,7 +158,8 @@ def test_flower_nodes_that_do_not_answer_give_the_same_run(tiny_prep, tmp_path, 
     sim = Simulation(tiny_prep, METHODS[name](cfg))
     history = snapshot_rounds(sim)
     result, ledger = sim.run()
-    server, _, out = flower_run(tmp_path, name, tiny_prep, sections, drops=lambda pid, rnd: pid in failing(rnd))
+    fails = {"late" if late else "drops": lambda pid, rnd: pid in failing(rnd)}
+    server, grid, out = flower_run(tmp_path, name, tiny_prep, sections, **fails)
     assert len(server.history) == len(history)
     for a, b in zip(server.history, history):
         assert_same_state(a, b)
@@ -168,3 +172,12 @@ def test_flower_nodes_that_do_not_answer_give_the_same_run(tiny_prep, tmp_path, 
     assert failed == [" ".join(map(str, sorted(failing(r)))) for r in range(1, sim.method.rounds() + 1)]
     assert [c.personal_acc for c in result.clients] == pytest.approx(
         [json_clients[k]["personal_acc"] for k in range(4)], abs=1 / 20 + 1e-9)
+    if late:  # every node's private state as of its last round the server took equals the in-process client's
+        from fedslip.federation.client_state import state_digest
+        from fedslip.federation.flower.client import load_client_state
+
+        for pid in range(4):
+            node = grid.node_of(pid)
+            kept = load_client_state(None, grid.contexts[node], pid,
+                                     server.transport.run_key, server.transport.state_rounds[pid])
+            assert state_digest(kept) == state_digest(sim.clients[pid]), pid

@@ -62,3 +62,13 @@ def test_failed_run_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "finished:failed" in err[0] and "Traceback" not in err[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra,says", [
+    ([], "--resume needs --workdir"),
+    (["--runtime", "simulation", "--workdir", "w"], "keeps no node state"),
+])
+def test_resume_that_would_lose_the_nodes_private_states_is_refused(tmp_path, extra, says):
+    args = parser().parse_args(["flower", "--resume", "--out", str(tmp_path / "out"), *extra, *sets(["train.rounds=1"])])
+    with pytest.raises(UserError, match=says):
+        args.flower_handler(args)

@@ -46,3 +46,20 @@ def test_flower_server_crash_then_resume_equals_the_uninterrupted_run(tiny_prep,
         theirs, _ = load_state_file(tmp_path / "whole" / f"node{k}" / f"run-11-partition-{k}.safetensors")
         assert set(mine.tensors) == set(theirs.tensors)
         assert all(torch.equal(mine.tensors[n], theirs.tensors[n]) for n in mine.tensors), k
+
+
+def test_a_node_without_the_state_the_server_expects_stops_the_run(tiny_prep, tmp_path):
+    """A node restarted without its state-dir files (another disk, none configured) cannot go on from the
+    round the server says: it says so, and the server stops with that line instead of letting the partition
+    train on from a fresh private state."""
+    import shutil
+
+    from fedslip.errors import UserError
+    from fedslip.federation.flower.client import NO_STATE
+
+    def lose_node0(grid):
+        grid.restart(0)  # a new process: empty Context.state
+        shutil.rmtree(tmp_path / "node0")
+
+    with pytest.raises(UserError, match=f"partition 0: {NO_STATE} 2 for partition 0"):
+        flower_run(tmp_path, "fedslip", tiny_prep, SECTIONS, before_round={3: lose_node0})

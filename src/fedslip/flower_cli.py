@@ -14,6 +14,7 @@ Hooked into `fedslip.cli` by `add_commands(sub, add_common)` in `build_parser` a
 from __future__ import annotations
 
 import argparse
+import secrets
 import sys
 import tempfile
 import time
@@ -61,6 +62,13 @@ def _prepare_run(args, default_out: str):
         raise UserError("the Flower runtime needs Flower: pip install -e '.[flower]'") from None
     update_console_handler(colored=sys.stderr.isatty())  # no colour codes in a log file
     method = method_list(args.method or "fedslip")[0]
+    if args.resume and getattr(args, "runtime", "") == "simulation":
+        raise UserError("--resume with --runtime simulation: Flower's simulation engine keeps no node state "
+                        "from one run to the next, so the clients' private states would be lost; resume with "
+                        "--runtime local or fedslip deploy")
+    if args.resume and not args.workdir:
+        raise UserError("--resume needs --workdir: the folder of the run it resumes, where its nodes keep "
+                        "their private states")
     cfg = config_from_args(args, method)  # validated here: a bad config stops before anything starts
     out = out_dir(args, default_out.format(method=method))
     check_out(args, out)
@@ -122,8 +130,9 @@ def _flower(args: argparse.Namespace) -> int:
             from fedslip.federation.flower.local_grid import LocalGrid
 
             nodes = [{"partition-id": k, "num-partitions": n, "state-dir": str(workdir / f"node{k}")} for k in range(n)]
-            grid = LocalGrid(client_app, nodes, rc, run_id=1, seed=cfg.train.seed)
-            server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc))
+            run_id = secrets.randbits(62) + 1  # names the node state files: a new run never reads an old one's
+            grid = LocalGrid(client_app, nodes, rc, run_id=run_id, seed=cfg.train.seed)
+            server_app(grid, Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=rc))
         else:
             try:
                 run_simulation(rc, workdir, n, cpus=args.cpus, gpus=args.gpus, timeout=args.timeout)

@@ -13,6 +13,8 @@ Run configuration (`[tool.flwr.app.config]`, overridable with `flwr run . --run-
     out           output folder of the ServerApp    results.json, rounds.csv, ... as `fedslip run`
     min-available partitions that must be online   0 = all of partition.n_clients
     round-timeout seconds to wait for the replies of one round
+    node-data     true: each SuperNode reads only its own files (node config train-file, test-file, ...)
+    resume        true: go on from the checkpoint in `out` (the nodes keep their private states)
 
 Messages (every one carries a ConfigRecord "config" with `server-round` and `partition-id`): `query` asks a
 new node for its partition; `train` carries exactly `method.down_payload(glob, cid)` as the ArrayRecord

@@ -4,8 +4,11 @@ A node's private state (`ClientState`) lives in its `Context.state` and, when th
 `state-dir`, on its disk after every round it trained: `run-<key>-partition-<k>-round-<t>.safetensors` (the
 last few rounds) and `run-<key>-partition-<k>.safetensors` (the latest). `<key>` is the run key the server
 sends (its first Flower run id, kept when a run resumes), so a restarted SuperNode, or a resumed run,
-finds its private track. A request for round t uses the state of the node's last training round before t:
-a node that trained a round the server then lost (it crashed before its checkpoint) goes back one round.
+finds its private track. Each request says which round's state the node goes on from (`state-round`: the
+last round whose train reply reached the server): a node whose reply came too late (the server counted it
+as failed), or that trained a round the server then lost (it crashed before its checkpoint), goes back to
+that round, as a failed client keeps its state in-process. Without that state on the node (no state-dir,
+another disk) the node says so, and the server stops: training on from a fresh state would be silent.
 The state is never put in a message. `<state-dir>/events.jsonl` records saves and resumes with value
 digests of the private tensors, for the audit (`audit.py`).
 """
@@ -30,6 +33,7 @@ from fedslip.methods.base import ClientState
 
 log = logging.getLogger("flwr")
 INFO = "info"  # the ConfigRecord of a query reply
+NO_STATE = "no private state of round"  # how a node says it lacks the state the server expects
 
 
 def partition(context: Context, n_clients: int | None = None) -> int:
@@ -99,7 +103,7 @@ def upload_of(content: RecordDict) -> Payload | None:
 
 
 # --- the node's private state -----------------------------------------------------------------------------
-KEEP_ROUNDS = 3  # per-round state files kept on a node
+KEEP_ROUNDS = 3  # per-round state files kept on a node, beyond `train.checkpoint_every` (a resume goes back that far)
 
 
 def state_file(context: Context, pid: int, key: str, rnd: int | None = None) -> Path | None:
@@ -125,30 +129,45 @@ def _event(context: Context, **row) -> None:
             f.write(json.dumps({"time": time.time(), "run_id": int(context.run_id), **row}) + "\n")
 
 
-def load_client_state(side, context: Context, pid: int, key: str, before: int) -> ClientState:
-    """The node's state as of its last training round before `before`: from Context.state, else from its
-    disk (a restarted node, or one a resumed run sends back a round), else fresh."""
+def load_client_state(side, context: Context, pid: int, key: str, state_round: int, strict: bool = True) -> ClientState:
+    """The node's state as of round `state_round` (0: fresh): from Context.state, else from its disk (a
+    restarted node, or one a resumed run sends back a round). A newer state only in Context.state (a node
+    without a state-dir whose late reply the server did not take) is used with a warning: it is all there is.
+    `strict`: the server said which round; otherwise (a server resumed from an older checkpoint) the latest
+    state up to `state_round`, else a fresh one."""
     got = state_from_context(context)
-    if got is not None and (str(got[1].get("run-key")) != key or int(got[1]["round"]) >= before):
+    if got is not None and str(got[1].get("run-key")) != key:
+        got = None
+    newer = got if got is not None and int(got[1]["round"]) > state_round else None
+    if newer is not None:
         got = None
     if got is None:
-        earlier = [r for r in saved_rounds(context, pid, key) if r < before]
+        earlier = [r for r in saved_rounds(context, pid, key) if r <= state_round]
         if earlier:
             path = state_file(context, pid, key, earlier[-1])
             got = load_state_file(path)
             state, meta = got
             _event(context, event="resume", partition=pid, round=int(meta["round"]), digest=state_digest(state))
             log.info("partition %d: resumed private state of round %s from %s", pid, meta["round"], path)
+    if got is None and newer is not None:
+        log.warning("partition %d: the server goes on from round %d, this node kept only round %s's state",
+                    pid, state_round, newer[1]["round"])
+        got = newer
+    if got is None and state_round > 0 and strict:
+        where = context.node_config.get("state-dir")
+        raise UserError(f"{NO_STATE} {state_round} for partition {pid} on this node "
+                        + (f"(state-dir {where})" if where else "(it has no state-dir: start the SuperNode with "
+                           "--node-config 'state-dir=...', or fedslip flower/deploy with --workdir)"))
     return got[0] if got is not None else side.fresh_state(pid)
 
 
-def store_client_state(context: Context, pid: int, state: ClientState, rnd: int, key: str) -> None:
+def store_client_state(context: Context, pid: int, state: ClientState, rnd: int, key: str, keep: int) -> None:
     meta = {"round": rnd, "partition-id": pid, "run-key": key}
     state_to_context(context, state, meta)
     if (path := state_file(context, pid, key, rnd)) is not None:
         save_state_file(path, state, meta)
         save_state_file(state_file(context, pid, key), state, meta)
-        for old in saved_rounds(context, pid, key)[:-KEEP_ROUNDS]:
+        for old in saved_rounds(context, pid, key)[:-keep]:
             state_file(context, pid, key, old).unlink(missing_ok=True)
         _event(context, event="save", partition=pid, round=rnd, digest=state_digest(state),
                private=private_fingerprints(state))
@@ -159,8 +178,10 @@ def handle(side, n_clients: int, msg: Message, context: Context) -> Message:
     pid = partition(context, n_clients)
     req = message_request(msg, pid)
     key = str(req.config.pop("run-key", context.run_id))
-    state = load_client_state(side, context, pid, key, req.round if req.kind == TRAIN else req.round + 1)
+    said = req.config.pop("state-round", None)
+    default = req.round - 1 if req.kind == TRAIN else req.round  # a server that does not say: the last round
+    state = load_client_state(side, context, pid, key, default if said is None else int(said), said is not None)
     answer, state = side.handle(req, state)
     if req.kind == TRAIN:
-        store_client_state(context, pid, state, req.round, key)
+        store_client_state(context, pid, state, req.round, key, KEEP_ROUNDS + side.cfg.train.checkpoint_every)
     return Message(answer_content(answer), reply_to=msg)

@@ -47,9 +47,9 @@ def over_the_wire(msg: Message) -> Message:
 
 class LocalGrid(Grid):
     def __init__(self, client_app, node_configs: list[dict], run_config: dict, run_id: int = 1, seed: int = 0,
-                 drops=None, alter=None):
+                 drops=None, alter=None, late=None):
         ensure_task_identity(run_id)
-        self.drops, self.alter = drops, alter
+        self.drops, self.alter, self.late = drops, alter, late
         self.client_app, self.run_config, self.run_id = client_app, dict(run_config), run_id
         self._run = Run.create_empty(run_id)
         self._rng = random.Random(seed)
@@ -82,11 +82,12 @@ class LocalGrid(Grid):
         self.offline.add(old)
         return self._add(self.contexts[old].node_config)
 
-    def _drops(self, msg: Message, node: int) -> bool:
-        if self.drops is None or msg.metadata.message_type != "train":
+    def _drops(self, msg: Message, node: int, which=None) -> bool:
+        which = self.drops if which is None else which
+        if which is None or msg.metadata.message_type != "train":
             return False
         partition = int(self.contexts[node].node_config.get("partition-id", -1))
-        return bool(self.drops(partition, int(msg.metadata.group_id)))
+        return bool(which(partition, int(msg.metadata.group_id)))
 
     # --- Grid -------------------------------------------------------------------------------------
     def set_run(self, run: Run) -> None:
@@ -119,6 +120,8 @@ class LocalGrid(Grid):
                                 reply_to=received)
             if self.alter is not None and not reply.has_error():
                 reply = self.alter(int(self.contexts[node].node_config.get("partition-id", -1)), received, reply)
+            if self.late is not None and self._drops(msg, node, self.late):
+                continue  # the node trained, but its reply arrives after the server's timeout
             reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             arrived = over_the_wire(reply)
             self.delivered.append((received, arrived))

@@ -246,8 +246,11 @@ class Loopback:
         exe = str(Path(sys.executable).parent / "flwr")
         if args[0] in ("run", "supernode"):
             self._note([exe, *args])
-        res = subprocess.run([exe, *args], capture_output=True, text=True, env=self.env(), cwd=self.workdir,
-                             timeout=timeout)
+        try:
+            res = subprocess.run([exe, *args], capture_output=True, text=True, env=self.env(), cwd=self.workdir,
+                                 timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"flwr {args[0]} did not answer within {timeout:.0f} s") from None
         if res.returncode != 0:
             raise RuntimeError(f"flwr {' '.join(args)} failed ({res.returncode}): "
                                f"{res.stdout[-2000:]}{res.stderr[-2000:]}")
@@ -351,7 +354,11 @@ class Loopback:
                 proc.stop()
 
     def __enter__(self) -> "Loopback":
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # __exit__ will not run: stop what started before the failure
+            self.stop()
+            raise
 
     def __exit__(self, *exc) -> None:
         self.stop()
@@ -370,14 +377,16 @@ class Loopback:
         if federation_config:
             args += ["--federation-config", " ".join(f"{k}={_toml(v)}" for k, v in federation_config.items())]
         out = self._flwr(*args)
-        doc = json.loads(out[out.index("{"):])
+        doc = _json_in(out, "flwr run")
         if not doc.get("success"):
             raise RuntimeError(f"flwr run failed: {out}")
         return int(doc["run-id"])
 
     def status(self, run_id: int) -> dict[str, Any]:
         out = self._flwr("list", "loopback", "--run-id", str(run_id), "--format", "json")
-        doc = json.loads(out[out.index("{"):])
+        doc = _json_in(out, "flwr list")
+        if not doc.get("runs"):
+            raise RuntimeError(f"flwr list: no run {run_id} on the SuperLink: {out[-500:]}")
         return doc["runs"][0]
 
     def serverapps(self, table: dict[int, tuple[int, int]] | None = None) -> set[int]:
@@ -418,5 +427,13 @@ class Loopback:
     def logs(self, run_id: int) -> str:
         try:
             return self._flwr("log", str(run_id), "loopback", "--show", timeout=60)
-        except (RuntimeError, subprocess.TimeoutExpired) as e:
+        except RuntimeError as e:
             return str(e)
+
+
+def _json_in(out: str, what: str) -> dict:
+    """The JSON object a `flwr ... --format json` call printed (after any other lines)."""
+    try:
+        return json.loads(out[out.index("{"):])
+    except ValueError:
+        raise RuntimeError(f"{what} printed no JSON: {out[-500:]}") from None

@@ -19,8 +19,8 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedslip.errors import UserError
-from fedslip.federation.exchange import Reply, Request
-from fedslip.federation.flower.client import INFO, content_answer, request_message, upload_of
+from fedslip.federation.exchange import TRAIN, Reply, Request
+from fedslip.federation.flower.client import INFO, NO_STATE, content_answer, request_message, upload_of
 from fedslip.federation.flower.records import (ARRAYS, CONFIG, WIRE, describe_message, flower_bytes, payload_bytes,
                                                payload_to_record)
 from fedslip.federation.flower.runtime import RUN_DEFAULTS, runtime_for
@@ -41,20 +41,33 @@ class FlowerTransport:
         self.failures: list[dict] = []
         self.node_info: dict[int, dict] = {}  # partition -> sizes and dominant label, as the node reported
         self.run_key = ""  # names the nodes' state files; kept when a run resumes
+        # partition -> the last round whose train reply reached the server: the node's private state is the
+        # one it saved then (a node that trained a round it was counted as failed in goes back to it)
+        self.state_rounds: dict[int, int] | None = {}  # None: resumed from a checkpoint made before they were kept
+        self.superseded: set[int] = set()  # nodes whose partition a newer node took: never asked again
+        self.refused: dict[int, str] = {}  # node -> why it could not say its partition (its error, first line)
 
     def checkpoint_meta(self) -> dict:
-        return {"run_key": self.run_key}
+        rounds = None if self.state_rounds is None else {str(k): v for k, v in self.state_rounds.items()}
+        return {"run_key": self.run_key, "state_rounds": rounds}
 
     def restore_meta(self, meta: dict) -> None:
         self.run_key = meta.get("run_key", self.run_key)
+        rounds = meta.get("state_rounds")
+        self.state_rounds = None if rounds is None else {int(k): int(v) for k, v in rounds.items()}
 
     def exchange(self, requests: list[Request], tick: Callable[[], None] = lambda: None) -> dict[int, Reply]:
         self.refresh_nodes(self.min_available, self.timeout)
         live = [r for r in requests if r.cid in self.partition_node]
         for r in live:
-            r.config["run-key"] = self.run_key
+            r.config = {**r.config, "run-key": self.run_key}  # the round's requests share one config dict
+            if self.state_rounds is not None:
+                r.config["state-round"] = self.state_rounds.get(r.cid, 0)
         messages = [request_message(r, self.partition_node[r.cid]) for r in live]
         got, failed = self._send(messages, [r.cid for r in live])
+        for r in live if self.state_rounds is not None else []:
+            if r.kind == TRAIN and r.cid in got:
+                self.state_rounds[r.cid] = r.round
         out = {}
         for req in requests:
             out[req.cid] = self._reply(req, got.get(req.cid), failed.get(req.cid, "no node for this partition"))
@@ -97,6 +110,8 @@ class FlowerTransport:
             self.wire.append({**describe_message(r, "up"), "partition": cid, "arrays": None})
             if r.has_error():
                 failed[cid] = r.error.reason.strip().splitlines()[0] if r.error.reason.strip() else "error reply"
+                if NO_STATE in failed[cid]:  # going on would train this partition from a fresh state, silently
+                    raise UserError(f"partition {cid}: {failed[cid][failed[cid].index(NO_STATE):]}")
             else:
                 got[cid] = r
         failed.update({cid: "no reply before the round timeout" for cid in cids if cid not in got and cid not in failed})
@@ -111,20 +126,26 @@ class FlowerTransport:
                 pid = self.node_partition.pop(node)
                 if self.partition_node.get(pid) == node:
                     del self.partition_node[pid]
-            new = sorted(n for n in online if n not in self.node_partition)
+            new = sorted(n for n in online if n not in self.node_partition and n not in self.superseded
+                         and n not in self.refused)
             if new:
                 self._ask_partitions(new)
             if len(self.partition_node) >= need:
                 return
             if time.monotonic() > deadline:
+                why = "".join(f"; node {n}: {reason}" for n, reason in sorted(self.refused.items()) if n in online)
                 raise UserError(f"only {len(self.partition_node)} of the {need} required clients are online "
-                                f"after {timeout:.0f} s (partitions {sorted(self.partition_node)})")
+                                f"after {timeout:.0f} s (partitions {sorted(self.partition_node)}){why}")
             time.sleep(1.0)
 
     def _ask_partitions(self, nodes: list[int]) -> None:
         ask = [Message(RecordDict({CONFIG: ConfigRecord({"server-round": 0})}), n, MessageType.QUERY) for n in nodes]
         for r in self.grid.send_and_receive(ask, timeout=self.timeout):
-            if r.has_error():
+            if r.has_error():  # e.g. a SuperNode started without its partition-id: said once, not asked again
+                reason = r.error.reason.strip().splitlines()[-1] if r.error.reason.strip() else "error reply"
+                if r.metadata.src_node_id in nodes and r.metadata.src_node_id not in self.refused:
+                    self.refused[r.metadata.src_node_id] = reason
+                    log.warning("node %d cannot take part: %s", r.metadata.src_node_id, reason)
                 continue
             info = r.content[INFO]
             pid, n_parts = int(info["partition-id"]), int(info["num-partitions"])
@@ -135,6 +156,7 @@ class FlowerTransport:
             old = self.partition_node.get(pid)
             if old is not None and old != node:  # a restarted node: the newest connection wins
                 self.node_partition.pop(old, None)
+                self.superseded.add(old)
             self.partition_node[pid], self.node_partition[node] = node, pid
             self.node_info[pid] = {"n_train": int(info["n-train"]), "n_test": int(info["n-test"]),
                                    "dominant_label": int(info["dominant-label"])}
