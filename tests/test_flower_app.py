@@ -167,3 +167,38 @@ def test_client_side_runs_with_the_methods_own_settings(tiny_prep):
     assert rt.side.cfg.train.batch_size == 3 and not rt.side.cfg.method.kstep
     assert rt.side.data(0, 1).batch_size == 3
     assert rt.side.cfg == Simulation(tiny_prep, METHODS["fedavg"](cfg)).side.cfg
+
+
+def test_nodes_that_cannot_take_part_are_named_once_and_superseded_ones_not_asked_again(tiny_prep):
+    """A SuperNode started without its partition-id answers the server's query with an error: the server
+    says which node and why (in the line it stops with), and does not ask it every second; a restarted node
+    takes its partition, and the node it replaced is not asked again."""
+    from flower_util import run_config
+
+    from fedslip.federation.flower.app import client_app
+    from fedslip.federation.flower.local_grid import LocalGrid
+    from fedslip.federation.flower.runtime import runtime_for
+    from fedslip.federation.flower.server import FlowerTransport
+
+    rc = run_config("fedavg")
+    runtime_for(config_from_run(rc), dataclasses.replace(tiny_prep, cfg=config_from_run(rc)))
+    nodes = [{"partition-id": k, "num-partitions": 4} for k in range(3)] + [{"num-partitions": 4}]
+    grid = LocalGrid(client_app, nodes, rc)
+    asked = []
+    real = grid.send_and_receive
+    grid.send_and_receive = lambda msgs, timeout=None: (asked.extend(m.metadata.dst_node_id for m in msgs)
+                                                        or real(msgs, timeout=timeout))
+    transport = FlowerTransport(grid, 4, 4, 1.5)
+    with pytest.raises(UserError, match="only 3 of the 4 required clients.*has no partition: start it with"):
+        transport.refresh_nodes(4, 1.5)
+    bad = next(n for n, c in grid.contexts.items() if "partition-id" not in c.node_config)
+    assert asked.count(bad) == 1
+    old = grid.node_of(1)
+    grid.restart(1)
+    grid.offline.discard(old)  # the old process is still listed (its heartbeat has not expired yet)
+    asked.clear()
+    transport.refresh_nodes(3, 1.5)
+    assert transport.partition_node[1] != old and old in transport.superseded
+    asked.clear()
+    transport.refresh_nodes(3, 1.5)
+    assert old not in asked and transport.partition_node[1] != old
