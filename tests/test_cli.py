@@ -316,3 +316,24 @@ def test_a_multi_seed_run_lists_every_seeds_methods_and_leaves_nothing_when_it_f
     assert main([*argv, *sets()]) == 2
     assert seen == [[("fedavg", "0"), ("fedavg", "1"), ("fedslip", "0"), ("fedslip", "1")]]
     assert not list(tmp_path.iterdir())
+
+
+def test_run_with_several_methods_is_refused_not_cut_to_the_first(tmp_path, capsys):
+    err = bad(tmp_path, capsys, ["run", "--method", "fedavg,fedslip", *sets()])
+    assert "fedslip compare --methods fedavg,fedslip" in err
+
+
+def test_a_strategy_typo_in_the_last_method_stops_the_comparison_before_any_training(tmp_path, capsys):
+    err = bad(tmp_path, capsys, ["compare", "--methods", "fedavg,fedprox",
+                                 *sets(['by_method.fedprox.method.strategy="fedmedain"'])])
+    assert "unknown strategy 'fedmedain'" in err
+
+
+def test_method_strategy_is_case_blind_and_infinite_values_are_refused(tmp_path, capsys):
+    assert main(["run", "--method", "fedavg", "--quiet", "--out", str(tmp_path / "ok"),
+                 *sets(['method.strategy="Method"', "train.rounds=1"])]) == 0
+    capsys.readouterr()
+    for k, setting in enumerate(("method.alpha_g=inf", "method.mu=nan", "partition.alpha=inf")):
+        (tmp_path / str(k)).mkdir()
+        err = bad(tmp_path / str(k), capsys, ["run", "--method", "fedslip", *sets([setting])])
+        assert setting.split("=")[0] in err and "finite" in err

@@ -104,3 +104,17 @@ def test_status_of_a_comparison_under_way_lists_the_methods_still_to_come(tmp_pa
     table = {r[0]: r for r in rows(capsys.readouterr().out)}
     assert table["fedavg"][3] == "finished"
     assert table["fedslip"][3] == table["local"][3] == "no checkpoint yet" and table["local"][2] == "0"
+
+
+def test_status_counts_the_methods_own_rounds_and_leaves_out_clients_not_evaluated(tmp_path, capsys):
+    """local runs one round and fedsb a setup round more than train.rounds; a client not evaluated (NaN)
+    is left out of the mean, as the run's own tables do."""
+    out = tmp_path / "cmp"
+    assert main(["compare", "--methods", "local,fedsb", "--quiet", "--out", str(out), *sets()]) == 0
+    capsys.readouterr()
+    rewrite(out / "state" / "fedsb.safetensors", lambda meta: {"rounds": [
+        *meta["rounds"][:-1], {**meta["rounds"][-1], "evaluated": True, "personal_acc": [0.5, float("nan"), 1.0, 0.75]}]})
+    assert main(["status", str(out)]) == 0
+    table = {r[0]: r for r in rows(capsys.readouterr().out)}
+    assert table["local"][2] == "1/1" and table["fedsb"][2] == "3/3"
+    assert table["fedsb"][10] == "75.0"

@@ -96,6 +96,7 @@ def _compare(args, cfg, methods: list[str], out: Path, console, progress):
     from fedslip.evaluation.outputs import write_outputs
     from fedslip.federation import checkpoint
     from fedslip.federation.inprocess import Simulation, check_failures
+    from fedslip.federation.protocol import check_strategies
     from fedslip.methods import method_for
     from fedslip.prepare import prepare
 
@@ -105,6 +106,7 @@ def _compare(args, cfg, methods: list[str], out: Path, console, progress):
         cfg = replace(cfg, train=replace(cfg.train, **kept))
     chosen = [method_for(replace(cfg, method=replace(cfg.method, name=name))) for name in methods]
     check_failures(chosen)  # before the data and the backbone load: one line, and nothing else
+    check_strategies(chosen)
     prep = prepare(cfg)
     console.print(f"data: {prep.data.description}; backbone: {prep.backbone.name} ({prep.backbone.source}); "
                   f"{len(prep.split.train)} clients, training on {[len(s) for s in prep.split.train]} examples")
@@ -239,7 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             # --method, else the config's method.name (a --config file may set it), else fedslip
             methods = method_list(args.method or config_from_args(args, None).method.name)
-            return _execute(args, methods[:1], out_dir(args, f"runs/{methods[0]}"))
+            if len(methods) > 1:
+                raise UserError(f"--method {args.method}: run trains one method; fedslip compare --methods "
+                                f"{','.join(methods)} trains several")
+            return _execute(args, methods, out_dir(args, f"runs/{methods[0]}"))
         methods = method_list(args.methods)
         return _execute(args, methods, out_dir(args, "runs/compare"))
     except UserError as e:

@@ -291,7 +291,7 @@ def _check_types(cfg: Config) -> None:
                 value = float(value)
                 setattr(obj, f.name, value)
             ok = {"int": isinstance(value, int) and not isinstance(value, bool),
-                  "float": isinstance(value, float),
+                  "float": isinstance(value, float) and math.isfinite(value),  # inf, nan: never a setting
                   "bool": isinstance(value, bool),
                   "str": isinstance(value, str),
                   "list[str]": isinstance(value, list) and all(isinstance(v, str) for v in value),
@@ -299,7 +299,8 @@ def _check_types(cfg: Config) -> None:
                   "list[list[int]]": isinstance(value, list) and all(
                       isinstance(v, list) and all(_is_int(x) for x in v) for v in value)}[kind]
             if not ok:
-                raise UserError(f"{section}.{f.name} = {value!r}: expected {kind}")
+                finite = " (finite)" if kind == "float" and isinstance(value, float) else ""
+                raise UserError(f"{section}.{f.name} = {value!r}: expected {kind}{finite}")
 
 
 def _is_int(v) -> bool:

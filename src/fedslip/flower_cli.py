@@ -61,7 +61,10 @@ def _prepare_run(args, default_out: str):
     except ImportError:
         raise UserError("the Flower runtime needs Flower: pip install -e '.[flower]'") from None
     update_console_handler(colored=sys.stderr.isatty())  # no colour codes in a log file
-    method = method_list(args.method or "fedslip")[0]
+    methods = method_list(args.method or config_from_args(args, None).method.name)
+    if len(methods) > 1:
+        raise UserError(f"--method {args.method}: a Flower run trains one method")
+    method = methods[0]
     if args.resume and getattr(args, "runtime", "") == "simulation":
         raise UserError("--resume with --runtime simulation: Flower's simulation engine keeps no node state "
                         "from one run to the next, so the clients' private states would be lost; resume with "

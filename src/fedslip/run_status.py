@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedslip.errors import UserError
+from fedslip.evaluation.metrics import scored
 from fedslip.federation import checkpoint
 
 
@@ -37,7 +38,9 @@ def queued(folder: Path) -> list[tuple[str, str]]:
 
 
 def _mean(values: list[float] | None) -> float | None:
-    return sum(values) / len(values) if values else None
+    """Over the clients evaluated (a NaN: not evaluated that round), as the run's own tables do."""
+    present = [v for v in values or [] if scored(v)]
+    return sum(present) / len(present) if present else None
 
 
 RECENT = 5  # rounds whose pace predicts the rest
@@ -63,7 +66,8 @@ def describe(path: Path) -> dict:
     meta = checkpoint.read_meta(path)
     cfg = meta["fingerprint"]["config"]
     rounds = meta["rounds"]
-    done, total = len(rounds), cfg["train"]["rounds"]
+    costs = meta.get("round_costs")  # one per round the method runs (local: 1; fedsb: a setup round more)
+    done, total = len(rounds), len(costs) if costs else cfg["train"]["rounds"]
     evaluated = [r for r in rounds if r.get("evaluated")]
     last = evaluated[-1] if evaluated else {}
     wall = float(meta.get("wall_time_s", 0.0))
@@ -71,7 +75,7 @@ def describe(path: Path) -> dict:
         "method": cfg["method"]["name"], "seed": cfg["train"]["seed"], "done": done, "total": total,
         "finished": bool(meta.get("finished")), "wall_s": wall,
         "left_s": None if meta.get("finished") or done == 0 else time_left(
-            wall, done, meta.get("round_costs") or [1.0] * total, meta.get("round_seconds")),
+            wall, done, costs or [1.0] * total, meta.get("round_seconds")),
         "precision": f"{meta['fingerprint']['device']}, {meta['fingerprint']['precision']}",
         "eval_round": last.get("round"), "global": last.get("global_acc"),
         "client": _mean(last.get("client_acc")), "synced": _mean(last.get("personal_acc")),

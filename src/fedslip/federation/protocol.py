@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedslip.errors import warn
+from fedslip.errors import UserError, warn
 from fedslip.evaluation.metrics import summarize
 from fedslip.evaluation.records import ClientRecord, MethodResult, RoundRecord
 from fedslip.federation.checkpoint import (fingerprint, ledger_from_json, ledger_to_json, result_from_json,
@@ -55,15 +55,24 @@ def select_clients(n_clients: int, fraction: float, seed: int, rnd: int) -> list
 
 def strategy_aggregation(method: Method):
     """The Flower strategy `method.strategy` as an aggregation step, or None for the method's own rule."""
-    spec = method.cfg.method.strategy or "method"
-    if spec == "method":
+    spec = (method.cfg.method.strategy or "method").strip()
+    if spec.lower() == "method":
         return None
-    from fedslip.federation.flower.strategies import StrategyAggregation
-
+    try:
+        from fedslip.federation.flower.strategies import StrategyAggregation
+    except ImportError:
+        raise UserError(f"method.strategy = {spec!r} is a Flower strategy: pip install -e '.[flower]'") from None
     agg = StrategyAggregation(spec)
     if "proximal_mu" in vars(agg.strategy):
         method.set_proximal_mu(float(agg.strategy.proximal_mu))
     return agg
+
+
+def check_strategies(methods: list[Method]) -> None:
+    """Every method's `method.strategy` (by_method ones included) made once, before any data loads: a typo
+    in the last method of a comparison stops it now, not hours later."""
+    for m in methods:
+        strategy_aggregation(m)
 
 
 class RoundProtocol:

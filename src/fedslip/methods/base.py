@@ -99,8 +99,8 @@ class Method:
         self.m = cfg.method
         self.t = cfg.train
         self.head = cfg.method.head or self.default_head
-        strategy = cfg.method.strategy or "method"
-        if strategy != "method" and self.own_aggregation:
+        strategy = (cfg.method.strategy or "method").strip()
+        if strategy.lower() != "method" and self.own_aggregation:
             raise UserError(f"method.strategy = {strategy!r}: {self.name} aggregates by a rule of its own, which a "
                             f"Flower strategy cannot replace (set the strategy per method: by_method.<name>)")
 
