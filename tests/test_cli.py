@@ -337,3 +337,22 @@ def test_method_strategy_is_case_blind_and_infinite_values_are_refused(tmp_path,
         (tmp_path / str(k)).mkdir()
         err = bad(tmp_path / str(k), capsys, ["run", "--method", "fedslip", *sets([setting])])
         assert setting.split("=")[0] in err and "finite" in err
+
+
+def test_a_run_of_the_other_kind_in_the_folder_is_not_overwritten(tmp_path, capsys):
+    """A multi-seed run into a single-seed run's folder (and the reverse) would overwrite its comparison
+    files and leave a mixed folder: refused, as any run into a used folder is; --resume of the wrong kind
+    says which kind the folder holds."""
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    assert main(["run", "--method", "fedavg", "--quiet", "--out", str(single), *sets(["train.rounds=1"])]) == 0
+    assert main(["run", "--method", "fedavg", "--quiet", "--seeds", "0", "--out", str(multi),
+                 *sets(["train.rounds=1"])]) == 0
+    capsys.readouterr()
+    before = (single / "comparison.md").read_bytes()
+    for out, extra, says in ((single, ["--seeds", "0"], "earlier run"), (multi, [], "earlier run"),
+                             (single, ["--seeds", "0", "--resume"], "a single-seed run"),
+                             (multi, ["--resume"], "a multi-seed run")):
+        rc = main(["run", "--method", "fedavg", "--quiet", "--out", str(out), *extra, *sets(["train.rounds=1"])])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1 and says in err, err
+    assert (single / "comparison.md").read_bytes() == before and not (single / "seed-0").exists()

@@ -77,13 +77,20 @@ def check_out(args, out: Path, folders: list[Path] | None = None) -> None:
     the run keeps checkpoints, default `out`; a multi-seed run has one folder per seed)."""
     from fedslip.federation import checkpoint
 
-    found = [p for folder in (folders or [out]) for p in checkpoint.existing(folder)]
-    if found and not args.resume:
-        raise UserError(f"{out} holds the checkpoint of an earlier run ({', '.join(p.stem for p in found)}): "
+    folders = folders or [out]
+    found = [p for folder in folders for p in checkpoint.existing(folder)]
+    # a run of the other kind in the same folder: single-seed checkpoints in out/, multi-seed ones in seed-*/
+    others = [p for folder in [out, *sorted(out.glob("seed-*"))] if folder not in folders
+              for p in checkpoint.existing(folder)]
+    if (found or others) and not args.resume:
+        raise UserError(f"{out} holds the checkpoint of an earlier run ({', '.join(p.stem for p in found + others)}): "
                         "add --resume to go on with it, or choose another --out")
     if args.resume and not found:
-        raise UserError(f"--resume: {out} holds no checkpoint ({out}/{checkpoint.STATE_DIR}/ is missing); "
-                        "leave out --resume to start it")
+        if others:
+            kind = "a multi-seed run (seed-*/)" if others[0].parent.parent != out else "a single-seed run"
+            raise UserError(f"--resume: {out} holds {kind}; resume it with the --seeds it was started with "
+                            "(none for a single-seed run)")
+        raise UserError(f"--resume: {out} holds no checkpoint yet; leave out --resume to start it")
 
 
 LOCK = ".fedslip.lock"
