@@ -72,3 +72,15 @@ def test_resume_that_would_lose_the_nodes_private_states_is_refused(tmp_path, ex
     args = parser().parse_args(["flower", "--resume", "--out", str(tmp_path / "out"), *extra, *sets(["train.rounds=1"])])
     with pytest.raises(UserError, match=says):
         args.flower_handler(args)
+
+
+def test_relative_data_paths_reach_the_nodes_absolute(tmp_path, monkeypatch):
+    """SuperNodes run in the workdir, not here: a relative data path would name another file there."""
+    from fedslip.flower_cli import _prepare_run
+
+    monkeypatch.chdir(tmp_path)
+    args = parser().parse_args(["flower", "--out", str(tmp_path / "out"), "--data-dir", "ag",
+                                *sets(['data.source="csv"', 'data.train_file="data/train.csv"'])])
+    _, rc, _ = _prepare_run(args, "runs/x")
+    assert f'data.train_file="{tmp_path / "data" / "train.csv"}"' in rc["overrides"]
+    assert f'data.data_dir="{tmp_path / "ag"}"' in rc["overrides"]

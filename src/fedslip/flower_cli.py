@@ -76,8 +76,10 @@ def _prepare_run(args, default_out: str):
     out = out_dir(args, default_out.format(method=method))
     check_out(args, out)
     sets = list(args.sets)
-    if args.data_dir:
-        sets.append(f"data.data_dir={toml_str(str(Path(args.data_dir).resolve()))}")
+    for key in ("data_dir", "train_file", "test_file"):  # the nodes run in other folders: absolute paths
+        value = getattr(cfg.data, key)
+        if value:
+            sets.append(f"data.{key}={toml_str(str(Path(value).expanduser().resolve()))}")
     if args.resume:  # an `auto` precision goes on as the checkpoint resolved it, on every node
         kept = checkpoint.kept_precision([checkpoint.path_for(out, method)], cfg.train.precision)
         sets += [f"train.{key}={toml_str(value)}" for key, value in kept.items()]
