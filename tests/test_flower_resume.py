@@ -3,6 +3,7 @@ restarted nodes that find their private state on disk, one round back where they
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -63,3 +64,34 @@ def test_a_node_without_the_state_the_server_expects_stops_the_run(tiny_prep, tm
 
     with pytest.raises(UserError, match=f"partition 0: {NO_STATE} 2 for partition 0"):
         flower_run(tmp_path, "fedslip", tiny_prep, SECTIONS, before_round={3: lose_node0})
+
+
+def test_a_checkpoint_resumes_only_on_the_runtime_that_made_it(tiny_prep, tmp_path, monkeypatch):
+    """In-process checkpoints hold the clients' private states, Flower's are on the nodes: resumed on the
+    other runtime, every client would start afresh, silently. Refused with one line."""
+    from fedslip.errors import UserError
+    from fedslip.federation.inprocess import Simulation
+    from fedslip.methods import METHODS
+
+    from conftest import tiny_config
+
+    def power_cut(self, point):
+        if self.current_round == 2 and point == "train":
+            raise RuntimeError("power cut")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(RoundProtocol, "crash", power_cut)
+        with pytest.raises(RuntimeError, match="power cut"):
+            flower_run(tmp_path / "f", "fedslip", tiny_prep, SECTIONS)
+    cfg = tiny_config("fedslip", train={"rounds": 3}, method={"warmup_rounds": 0, "kstep": False})
+    prep = dataclasses.replace(tiny_prep, cfg=cfg)
+    with pytest.raises(UserError, match="made on Flower"):
+        Simulation(prep, METHODS["fedslip"](cfg)).run(path_for(tmp_path / "f" / "out", "fedslip"), resume=True)
+    with monkeypatch.context() as mp:
+        mp.setattr(RoundProtocol, "crash", power_cut)
+        with pytest.raises(RuntimeError, match="power cut"):
+            Simulation(prep, METHODS["fedslip"](cfg)).run(path_for(tmp_path / "i", "fedslip"))
+    (tmp_path / "i2").mkdir()
+    (tmp_path / "i2" / "out").symlink_to(tmp_path / "i")
+    with pytest.raises(UserError, match="made in process"):
+        flower_run(tmp_path / "i2", "fedslip", tiny_prep, SECTIONS, resume=True)

@@ -291,8 +291,13 @@ class RoundProtocol:
     def restore(self, path: Path) -> tuple[bool, MethodResult, float]:
         check_checkpoint(path, self.prep, self.method.name)
         glob, clients, meta = load_checkpoint(path)
+        here = self.client_states() is not None
+        if not meta["finished"] and (clients is not None) != here:  # the clients' states would start afresh
+            made = "in process (the clients' states are in it)" if clients is not None else \
+                "on Flower (the clients' states are on its nodes)"
+            raise UserError(f"{path} was made {made}: resume it with the same runtime")
         self.glob = glob
-        if clients is not None and self.client_states() is not None:
+        if clients is not None and here:
             self.transport.states[:] = clients
             self.warn_other_compute(path, meta.get("compute"))
         self.ledger = ledger_from_json(self.method.name, meta["ledger"])
