@@ -356,3 +356,8 @@ def test_a_run_of_the_other_kind_in_the_folder_is_not_overwritten(tmp_path, caps
         err = capsys.readouterr().err.strip()
         assert rc == 2 and len(err.splitlines()) == 1 and says in err, err
     assert (single / "comparison.md").read_bytes() == before and not (single / "seed-0").exists()
+
+
+def test_an_empty_module_list_is_refused_not_read_as_the_default(tmp_path, capsys):
+    err = bad(tmp_path, capsys, ["run", "--method", "fedavg", *sets(["model.target_modules=[]"])])
+    assert "model.target_modules = []" in err

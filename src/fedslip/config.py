@@ -345,6 +345,8 @@ def validate(cfg: Config) -> None:
     need(cfg.model.backbone_dropout is None or 0 <= cfg.model.backbone_dropout < 1,
          f"model.backbone_dropout = {cfg.model.backbone_dropout}: must be in [0, 1)")
     need(cfg.model.max_length >= 8, f"model.max_length = {cfg.model.max_length}: must be >= 8")
+    for key in ("target_modules", "head_modules"):  # [] would quietly mean the default
+        need(getattr(cfg.model, key) != [], f"model.{key} = []: name at least one module, or leave it unset")
     need(1 <= t.rounds <= MAX_ROUNDS, f"train.rounds = {t.rounds}: must be in [1, {MAX_ROUNDS:,}]")
     need(t.local_epochs >= 1, f"train.local_epochs = {t.local_epochs}: must be >= 1")
     need(t.local_only_epochs >= 1, f"train.local_only_epochs = {t.local_only_epochs}: must be >= 1")
