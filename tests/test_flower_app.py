@@ -202,3 +202,15 @@ def test_nodes_that_cannot_take_part_are_named_once_and_superseded_ones_not_aske
     asked.clear()
     transport.refresh_nodes(3, 1.5)
     assert old not in asked and transport.partition_node[1] != old
+
+
+def test_overrides_split_only_outside_toml_strings(tmp_path):
+    """A label name or a path may hold ';': the run config's overrides are cut at ';' and newlines only
+    outside strings, and every value arrives as the fedslip command line gave it."""
+    from fedslip.federation.flower.deploy import run_config_for
+
+    sets = ['data.label_names=["a;b", "c\\";d", "e"]', "train.rounds=3", "data.train_file='x;y.csv'"]
+    rc = run_config_for("", "fedavg", None, sets, tmp_path / "out", 0)
+    cfg = config_from_run(rc)
+    assert cfg.data.label_names == ["a;b", 'c";d', "e"] and cfg.train.rounds == 3
+    assert cfg.data.train_file == "x;y.csv"

@@ -23,7 +23,25 @@ NODE_FILES = ("train-file", "test-file", "global-test-file")
 
 
 def split_overrides(text: str) -> list[str]:
-    return [s.strip() for s in text.replace("\n", ";").split(";") if s.strip()]
+    """`"a.b=1; c.d='x;y'"` -> ["a.b=1", "c.d='x;y'"]: split at ; and newlines outside TOML strings."""
+    parts, current, quote, escaped = [], [], "", False
+    for ch in text:
+        if quote:
+            if escaped:
+                escaped = False
+            elif quote == '"' and ch == "\\":  # a basic string's escape: the next character is its own
+                escaped = True
+            elif ch == quote:
+                quote = ""
+        elif ch in "\"'":
+            quote = ch
+        elif ch in ";\n":
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    parts.append("".join(current))
+    return [p.strip() for p in parts if p.strip()]
 
 
 def config_from_run(run_config) -> Config:
