@@ -181,3 +181,12 @@ def test_flower_nodes_that_do_not_answer_give_the_same_run(tiny_prep, tmp_path, 
             kept = load_client_state(None, grid.contexts[node], pid,
                                      server.transport.run_key, server.transport.state_rounds[pid])
             assert state_digest(kept) == state_digest(sim.clients[pid]), pid
+
+
+def test_a_mean_over_fewer_clients_says_so(tiny_prep, capsys):
+    """Half the clients per round for one round: two clients have no persistent model; its mean covers the
+    other two, and the run says so (a warning, and `persistent_acc_clients` in the final metrics)."""
+    cfg = tiny_config("fedslip", train={"rounds": 1, "client_fraction": 0.5}, method={"warmup_rounds": 0})
+    result, _ = Simulation(tiny_prep, METHODS["fedslip"](cfg)).run()
+    assert result.final["persistent_acc_clients"] == 2 and "personal_acc_clients" not in result.final
+    assert "persistent acc is over 2 of 4 clients" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from fedslip.data.batching import Encoded
+from fedslip.errors import warn
 from fedslip.evaluation.records import MethodResult
 from fedslip.federation.ledger import Ledger
 from fedslip.model.adapted import AdaptedModel, Tensors
@@ -53,8 +54,14 @@ def summarize(result: MethodResult, ledger: Ledger) -> dict[str, float | None]:
     weights = [c.n_test for c in trained]
     final: dict[str, float | None] = {"global_acc": last.global_acc}
     for key in ("client_acc", "personal_acc", "persistent_acc", "kstep_acc"):
-        mean, weighted, worst = _means([getattr(c, key) for c in trained], weights)
+        values = [getattr(c, key) for c in trained]
+        mean, weighted, worst = _means(values, weights)
         final.update({f"{key}_mean": mean, f"{key}_weighted": weighted, f"{key}_worst": worst})
+        counted = sum(scored(v) for v in values)
+        if 0 < counted < len(trained):  # e.g. persistent under partial participation: never-selected clients
+            final[f"{key}_clients"] = counted
+            warn(f"{result.method}: {key.replace('_', ' ')} is over {counted} of {len(trained)} clients "
+                 "(the others have no such model, or were not evaluated)")
     newcomers = [c for c in result.clients if c.held_out]
     if newcomers:
         for key in ("newcomer_acc", "newcomer_global_acc"):
