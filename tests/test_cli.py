@@ -361,3 +361,9 @@ def test_a_run_of_the_other_kind_in_the_folder_is_not_overwritten(tmp_path, caps
 def test_an_empty_module_list_is_refused_not_read_as_the_default(tmp_path, capsys):
     err = bad(tmp_path, capsys, ["run", "--method", "fedavg", *sets(["model.target_modules=[]"])])
     assert "model.target_modules = []" in err
+
+
+def test_a_per_method_epoch_count_that_a_step_budget_overrides_is_refused(tmp_path, capsys):
+    err = bad(tmp_path, capsys, ["run", "--preset", "quick", "--method", "fedavg",
+                                 *sets(["by_method.fedavg.train.local_epochs=3", "train.local_steps=4"])])
+    assert "by_method.fedavg.train.local_epochs has no effect" in err

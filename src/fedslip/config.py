@@ -311,6 +311,9 @@ def validate(cfg: Config) -> None:
     """Check ranges and names; raise one UserError naming the first bad value."""
     _check_types(cfg)
     for name in cfg.by_method:
+        if cfg.train.local_steps is not None and "local_epochs" in cfg.by_method[name].get("train", {}):
+            raise UserError(f"by_method.{name}.train.local_epochs has no effect: train.local_steps = "
+                            f"{cfg.train.local_steps} sets every round's budget (set train.local_steps = none)")
         validate(cfg.for_method(name))
     d, p, t, m = cfg.data, cfg.partition, cfg.train, cfg.method
 
