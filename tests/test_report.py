@@ -199,3 +199,15 @@ def test_plot_results_writes_png(results, tmp_path):
 def test_empty_results_rejected(tmp_path):
     with pytest.raises(ValueError):
         plot_results([], tmp_path / "x.png")
+
+
+def test_a_metric_measured_in_some_seeds_only_says_over_how_many():
+    from fedslip.evaluation.seeds import summary_rows, to_markdown as seeds_markdown
+
+    per_seed = {0: [{"method": "fedavg", "global_acc": 0.8, "kstep_acc_mean": 0.9}],
+                1: [{"method": "fedavg", "global_acc": 0.9, "kstep_acc_mean": None}],
+                2: [{"method": "fedavg", "global_acc": 0.7, "kstep_acc_mean": 0.8}]}
+    (row,) = summary_rows(per_seed)
+    assert row["n_seeds"] == 3 and row["kstep_acc_mean_n"] == 2 and "global_acc_n" not in row
+    text = seeds_markdown([row])
+    assert "| 85.0 ± 7.1 (2 of 3 seeds) |" in text and "| 80.0 ± 10.0 |" in text

@@ -41,7 +41,9 @@ def summary_rows(per_seed: dict[int, list[dict]]) -> list[dict]:
         seeds = [s for s, r in found.items() if r is not None]
         row: dict = {"method": method, "n_seeds": len(seeds), "seeds": " ".join(map(str, seeds))}
         for key, _, _ in COLUMNS:
-            row[key], row[f"{key}_std"], _ = mean_std([found[s].get(key) for s in seeds])
+            row[key], row[f"{key}_std"], n = mean_std([found[s].get(key) for s in seeds])
+            if 0 < n < len(seeds):  # measured in some seeds only: the cell says over how many
+                row[f"{key}_n"] = n
         out.append(row)
     return out
 
@@ -52,8 +54,10 @@ def to_markdown(rows: Sequence[dict]) -> str:
                and (c[0] not in ZERO_HIDDEN or any(row.get(c[0]) for row in rows))]
 
     def cell(row: dict, key: str, fmt) -> str:
-        mean, std = row.get(key), row.get(f"{key}_std")
-        return MISSING if mean is None else fmt(mean) + ("" if std is None else f" ± {fmt(std)}")
+        mean, std, n = row.get(key), row.get(f"{key}_std"), row.get(f"{key}_n")
+        if mean is None:
+            return MISSING
+        return fmt(mean) + ("" if std is None else f" ± {fmt(std)}") + ("" if n is None else f" ({n} of {row['n_seeds']} seeds)")
 
     header = ["Method", "Seeds"] + [title for _, title, _ in columns]
     body = [[_md_text(r["method"]), str(r["n_seeds"])] + [cell(r, key, fmt) for key, _, fmt in columns] for r in rows]
