@@ -262,3 +262,13 @@ def test_a_held_out_client_is_not_exported(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "was held out" in err and not (tmp_path / "x").exists()
     assert main(["export", str(out), "--client", "0", "--out", str(tmp_path / "y")]) == 0
+
+
+def test_rounds_csv_eval_traffic_adds_up_to_the_summary_with_newcomers(tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", "--method", "fedavg", "--quiet", "--out", str(out),
+                 *sets(["partition.holdout_clients=1", "train.rounds=2"])]) == 0
+    with open(out / "rounds.csv") as f:
+        per_round = [float(r["eval_mib"]) for r in csv.DictReader(f)]
+    final = json.loads((out / "results.json").read_text())["methods"]["fedavg"]["final"]
+    assert sum(per_round) == pytest.approx(final["eval_mib_per_round"] * len(per_round))

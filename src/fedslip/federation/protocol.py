@@ -206,12 +206,15 @@ class RoundProtocol:
     def finish(self) -> None:
         """Evaluate the last round (every client gets the final model, with K-step where the method has it),
         then let the held-out clients join, once."""
+        last = self.pending
         if self.pending:
             rnd = self.pending.round
             self._fill(self.pending, self._evaluate_only(rnd, self.glob, self._asks(rnd, [], final=True)))
             self.pending = None
         if self.newcomers is None:
             self.newcomers = self._join()
+            if last is not None and self.newcomers:  # the join's downloads are the last round's too
+                last.eval_mib = self.ledger.mib_round(last.round, kind="eval")
 
     def _join(self) -> dict[int, dict[str, float]]:
         """Each held-out client gets the final global model once and answers with its join scores (a method
