@@ -401,3 +401,34 @@ def test_a_relative_backbone_folder_is_written_as_an_absolute_path(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     assert base_name("models/mine") == str(tmp_path / "models" / "mine")
     assert base_name("distilbert-base-uncased") == "distilbert-base-uncased"
+
+
+def test_weights_the_backbone_lacks_travel_in_the_folder(tmp_path, monkeypatch):
+    """A checkpoint without BERT's pooler: the run drew it from its seed. A plain `from_pretrained` elsewhere
+    draws another, so the export carries it (modules_to_save), and plain PEFT gives the run's logits."""
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+    from fedslip.model.backbone import _tokenizer_for_tiny
+
+    folder = tmp_path / "nopooler"
+    tok = _tokenizer_for_tiny()
+    BertForSequenceClassification(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, intermediate_size=64)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if ".pooler." not in k and not k.startswith("classifier.")},
+              folder / "model.safetensors",
+              metadata={"format": "pt"})
+    sets = [s for s in SETS if not s.startswith("model.backbone=")] + [f'model.backbone="{folder}"']
+    run = tmp_path / "run"
+    assert main(["run", "--method", "fedavg", "--quiet", "--out", str(run), *argv(sets + ["train.rounds=1"])]) == 0
+    out = export(run, tmp_path / "out", "--global", method="fedavg")
+    assert any(".pooler." in k for k in load_file(out / "adapter_model.safetensors"))
+    prep = prepare(load_config(None, None, "fedavg", sets + ["train.rounds=1"]))
+    ref = Reference(prep, run, "fedavg", None, sets + ["train.rounds=1"])
+    torch.manual_seed(12345)  # another draw for the missing pooler than the run's
+    base = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=4)
+    gap, acc = compare(ref, PeftModel.from_pretrained(base, str(out)).eval())
+    assert gap <= TOL and acc == ref.recorded_accuracy()

@@ -65,9 +65,14 @@ def build_peft_model(view: TrainedView):
 
     pairs, rank = fold(view.model, view.mode, view.method.name)
     heads = view.model.read(view.model.head_names)
+    head_mods = {head_module(view, n) for n in heads}
+    # weights the backbone's checkpoint lacks (a BERT without its pooler, say) were drawn from the run's seed:
+    # a plain from_pretrained elsewhere would draw others, so they travel in the folder too
+    fresh = {n.rsplit(".", 1)[0] for n in view.backbone.fresh
+             if not any(n.startswith(m + ".") for m in head_mods)}
     config = LoraConfig(task_type=TaskType.SEQ_CLS, r=rank, lora_alpha=rank, lora_dropout=0.0, use_rslora=False,
                         target_modules=sorted({n.rsplit(".", 1)[-1] for n in pairs}),
-                        modules_to_save=sorted({head_module(view, n) for n in heads}))
+                        modules_to_save=sorted(head_mods | fresh))
     with quiet_peft():
         peft_model = get_peft_model(copy.deepcopy(view.backbone.model), config)
     peft_model.peft_config[ADAPTER].base_model_name_or_path = base_name(view.cfg.model.backbone)

@@ -38,6 +38,7 @@ class Backbone:
     source: str  # where it was loaded from (folder, cache, hub, packaged copy, tiny-random)
     head_modules: list[str] | None = None  # None: HEAD_MODULES
     placement: Placement = field(default_factory=lambda: Placement(torch.device("cpu"), torch.float32))
+    fresh: tuple[str, ...] = ()  # weights the checkpoint lacked, initialised here from the seed (the head's too)
 
 
 def packaged_minilm_path() -> Path | None:
@@ -80,8 +81,11 @@ def _from_pretrained(where: str, num_labels: int, local_only: bool):
     hf_logging.set_verbosity_error()  # the "newly initialized head" notice is expected here
     hf_logging.disable_progress_bar()
     tok = AutoTokenizer.from_pretrained(where, local_files_only=local_only)
-    model = AutoModelForSequenceClassification.from_pretrained(where, num_labels=num_labels,
-                                                               local_files_only=local_only)
+    model, info = AutoModelForSequenceClassification.from_pretrained(where, num_labels=num_labels,
+                                                                     local_files_only=local_only,
+                                                                     output_loading_info=True)
+    missing = info["missing_keys"] if isinstance(info, dict) else getattr(info, "missing_keys", ())
+    model.fedslip_fresh = tuple(sorted(missing))
     return model, tok
 
 
@@ -125,7 +129,7 @@ def load_backbone(name: str, num_labels: int, seed: int, dropout: float | None =
         for module in model.modules():
             if isinstance(module, nn.Dropout):
                 module.p = dropout
-    return Backbone(model=model, tokenizer=tok, name=name, source=source)
+    return Backbone(model=model, tokenizer=tok, name=name, source=source, fresh=getattr(model, "fedslip_fresh", ()))
 
 
 def target_modules(model: nn.Module, requested: list[str] | None) -> list[str]:
