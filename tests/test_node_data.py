@@ -11,6 +11,7 @@ from fedslip.cli import main
 from fedslip.data.client_files import write_client_files
 from fedslip.data.partition import make_split
 from fedslip.data.sources import load_data
+from fedslip.errors import UserError
 from fedslip.federation.inprocess import Simulation
 from fedslip.methods import METHODS
 
@@ -19,7 +20,7 @@ from conftest import tiny_config
 flwr = pytest.importorskip("flwr", reason="the Flower runtime needs the `flower` extra: pip install -e '.[flower]'")
 
 
-def test_node_data_run_matches_the_split_run_and_the_server_reads_no_data(tiny_prep, tmp_path, monkeypatch):
+def test_node_data_run_matches_the_split_run_and_the_server_reads_no_data(tiny_prep, tmp_path, monkeypatch, capsys):
     from flwr.app import Context, RecordDict
 
     from flower_util import assert_same_state, run_config, snapshot_rounds
@@ -44,7 +45,7 @@ def test_node_data_run_matches_the_split_run_and_the_server_reads_no_data(tiny_p
              for k in range(4)]
     loads = []
     real_load = prepare_module.load_data
-    monkeypatch.setattr(prepare_module, "load_data", lambda dc: loads.append(dc.train_file) or real_load(dc))
+    monkeypatch.setattr(prepare_module, "load_data", lambda dc, **kw: loads.append(dc.train_file) or real_load(dc, **kw))
     runtime_module._RUNTIMES.clear()
     servers = []
     real_init = FlowerServer.__init__
@@ -61,8 +62,10 @@ def test_node_data_run_matches_the_split_run_and_the_server_reads_no_data(tiny_p
 
     server = servers[0]
     assert server.prep.data is None  # the server never loaded any data
-    # every load was a node reading its own training file (twice for the node that holds the global test)
-    assert set(loads) == {str(paths[f"client{k}/train"]) for k in range(4)}
+    # every load was a node reading its own files (the global test file read on its own)
+    assert set(loads) == {str(paths[f"client{k}/train"]) for k in range(4)} | {str(paths["global_test"])}
+    # a class a node's training file lacks may be another node's: no "no client can learn it" warning
+    assert "no client can learn" not in capsys.readouterr().err
     for a, b in zip(server.history, sim_history):
         assert_same_state(a, b)
     doc = json.loads((tmp_path / "out" / "results.json").read_text())["methods"]["fedslip"]
@@ -96,4 +99,14 @@ def test_split_command_writes_each_clients_files(tmp_path, capsys):
     for k in range(4):
         assert (tmp_path / "files" / f"client{k}" / "train.csv").is_file()
     assert (tmp_path / "files" / "global_test.csv").is_file()
-    assert "node-data = true" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "node-data = true" in printed
+    assert "data.text_columns=['text']; data.label_column='label'" in printed and "global-test-file=" in printed
+
+
+def test_a_node_refuses_a_validation_fraction_it_cannot_apply(tmp_path):
+    from fedslip.prepare import prepare_node
+
+    cfg = tiny_config("fedavg", data={"label_names": ["a", "b", "c", "d"]}, partition={"validation_fraction": 0.2})
+    with pytest.raises(UserError, match="partition.validation_fraction"):
+        prepare_node(cfg, 0, str(tmp_path / "train.csv"))

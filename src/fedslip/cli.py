@@ -168,9 +168,11 @@ def _split(args) -> int:
         write_client_files(data, split, stage)
     names = ", ".join(f"'{n}'" if "'" not in n and "\n" not in n else toml_str(n) for n in data.label_names)
     print(f"wrote {out}/: client0..{len(split.train) - 1}/train.csv, test.csv, global_test.csv")
-    print(f"run config: node-data = true, overrides = {toml_str(f'data.label_names=[{names}]')}")
+    overrides = f"data.label_names=[{names}]; data.text_columns=['text']; data.label_column='label'"
+    print(f"run config: node-data = true, overrides = {toml_str(overrides)}")
     print(f"node k: --node-config 'partition-id=k num-partitions={len(split.train)} "
-          f"train-file=\"{out.resolve()}/clientk/train.csv\" test-file=\"{out.resolve()}/clientk/test.csv\"'")
+          f"train-file=\"{out.resolve()}/clientk/train.csv\" test-file=\"{out.resolve()}/clientk/test.csv\"' "
+          f"(and global-test-file=\"{out.resolve()}/global_test.csv\" on the nodes that score the global test set)")
     return 0
 
 

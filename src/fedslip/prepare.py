@@ -16,7 +16,7 @@ from fedslip.config import Config
 from fedslip.errors import UserError
 from fedslip.data.batching import Encoded
 from fedslip.data.split import Split, describe_split
-from fedslip.data.sources import load_data
+from fedslip.data.sources import file_format, load_data
 from fedslip.data.text import TextData
 from fedslip.model.backbone import Backbone, load_backbone
 from fedslip.model.placement import resolve
@@ -103,11 +103,15 @@ def prepare_node(cfg: Config, pid: int, train_file: str, test_file: str | None =
     if not cfg.data.label_names:
         raise UserError("nodes that read their own files need data.label_names: the label set, in class order, "
                         "that every node shares")
-    source = "jsonl" if train_file.endswith(".jsonl") else "csv"
-    data = load_data(replace(cfg.data, source=source, train_file=train_file, test_file=test_file or None))
+    if cfg.partition.validation_fraction:
+        raise UserError("partition.validation_fraction carves validation data from the whole training pool; "
+                        "nodes that read their own files cannot: carve it before `fedslip split`, or leave it at 0")
+    data = load_data(replace(cfg.data, source=file_format(train_file), train_file=train_file,
+                             test_file=test_file or None), whole_federation=False)
     n_global = 0
-    if global_test_file:
-        extra = load_data(replace(cfg.data, source=source, train_file=train_file, test_file=global_test_file))
+    if global_test_file:  # read as its own training and test file: its rows are the test set, nothing else
+        extra = load_data(replace(cfg.data, source=file_format(global_test_file), train_file=global_test_file,
+                                  test_file=global_test_file), whole_federation=False)
         n_global = len(extra.test)
         data = replace(data, test=datasets.concatenate_datasets([data.test, extra.test]))
     n_own = len(data.test) - n_global

@@ -34,12 +34,15 @@ HOLDOUT_SEED = 0  # fixed: the train/test hold-out must not move when the run se
 _INT_RE = re.compile(r"[+-]?\d+")
 
 
-def load_data(cfg: DataConfig) -> TextData:
-    """Load the dataset that `cfg.source` names (ag_news | csv | jsonl | hf | synthetic)."""
+def load_data(cfg: DataConfig, whole_federation: bool = True) -> TextData:
+    """Load the dataset that `cfg.source` names (ag_news | csv | jsonl | hf | synthetic).
+
+    `whole_federation = False`: one node's own files, where a class its training file lacks may well be
+    another node's, so no "no client can learn it" warning."""
     if cfg.source == "ag_news":
         return _load_ag_news(cfg)
     if cfg.source in ("csv", "jsonl"):
-        return _load_files(cfg)
+        return _load_files(cfg, whole_federation)
     if cfg.source == "hf":
         return _load_hub(cfg)
     if cfg.source == "synthetic":
@@ -140,7 +143,12 @@ def _first_line(e: BaseException) -> str:
 # ---------------------------------------------------------------- CSV / JSONL files
 
 
-def _load_files(cfg: DataConfig) -> TextData:
+def file_format(path: str) -> str:
+    """csv or jsonl, by the file's suffix (.jsonl and .ndjson are JSON Lines)."""
+    return "jsonl" if Path(path).suffix.lower() in (".jsonl", ".ndjson") else "csv"
+
+
+def _load_files(cfg: DataConfig, whole_federation: bool = True) -> TextData:
     if not cfg.train_file:
         raise UserError(f"data.source = {cfg.source}: set data.train_file (and optionally data.test_file)")
     read = read_csv_rows if cfg.source == "csv" else read_jsonl_rows
@@ -155,7 +163,8 @@ def _load_files(cfg: DataConfig) -> TextData:
     files = {"train": cfg.train_file, "test": cfg.test_file or cfg.train_file}
     train_ids, test_ids, names = encode_labels(train_raw, test_raw, cfg.num_classes, files, cfg.label_names)
     if cfg.test_file:
-        _warn_test_only(train_ids, test_ids, test_lines, names, files, "line")
+        if whole_federation:
+            _warn_test_only(train_ids, test_ids, test_lines, names, files, "line")
     else:
         tr, te = stratified_holdout(train_ids, cfg.test_fraction)
         test_texts, test_ids = [train_texts[i] for i in te], train_ids[te]
