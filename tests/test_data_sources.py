@@ -447,3 +447,20 @@ def test_one_non_integer_among_integer_labels_is_a_typo_not_a_class(tmp_path):
     names = [f"text {i},{['sports', 'world', 'tech'][i % 3]}" for i in range(30)]
     (tmp_path / "names.csv").write_text("text,label\n" + "\n".join(names) + "\n")  # names: still fine
     assert load_data(DataConfig(source="csv", train_file=str(tmp_path / "names.csv"))).label_names == ["sports", "tech", "world"]
+
+
+def test_integer_labels_that_leave_a_class_empty_say_so(tmp_path):
+    """Labels 1..3 would make a class 0 nobody has; the run would stop later at the global test set with a
+    misleading line. Said at load time, with the way out (label names)."""
+    f = write_csv(tmp_path / "a.csv", ["text", "label"], [["a", 1], ["b", 2], ["c", 3], ["d", 1]])
+    with pytest.raises(UserError, match=r"a.csv: integer labels run 1..3, so class 0 has no example"):
+        load_data(DataConfig(source="csv", train_file=f, test_file=f))
+    named = load_data(DataConfig(source="csv", train_file=f, test_file=f, label_names=["1", "2", "3"]))
+    assert named.num_classes == 3 and list(named.train["label"]) == [0, 1, 2, 0]
+
+
+def test_a_csv_field_longer_than_the_csv_modules_default_limit_is_read(tmp_path):
+    long = "word " * 40_000  # 200,000 characters: past csv.field_size_limit()'s default of 131,072
+    f = write_csv(tmp_path / "a.csv", ["text", "label"], [[long, 0], ["b", 1], ["c", 0], ["d", 1]])
+    data = load_data(DataConfig(source="csv", train_file=f, test_file=f))
+    assert data.train["text"][0] == long.strip() or data.train["text"][0] == long

@@ -204,6 +204,7 @@ def _read_text(path: Path) -> str:
 def _csv_records(path: Path, text: str) -> Iterator[tuple[int, list[str]]]:
     """(physical line where the record starts, fields) for each CSV record. A quoted field may span lines, so
     the start is one past where the previous record ended; rows with only empty fields are skipped."""
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))  # one long text is a field, not a quoting error
     reader = csv.reader(io.StringIO(text, newline=""))
     while True:
         start = reader.line_num + 1
@@ -354,6 +355,12 @@ def encode_labels(train: list, test: list, num_classes: int | None, files: dict[
                 if not 0 <= _as_int(v) < n:
                     raise UserError(f"{files[split]}: label {_as_int(v)} outside 0..{n - 1}; fix the label"
                                     + ("" if num_classes is None else " or raise data.num_classes"))
+        empty = sorted(set(range(n)) - set(ints)) if num_classes is None else []
+        if empty:  # labels 1..5, or a gap: a class nobody has, and the balanced global test cannot be drawn
+            shown = ", ".join(map(str, empty[:5])) + (" ..." if len(empty) > 5 else "")
+            raise UserError(f"{files['train']}: integer labels run {min(ints)}..{max(ints)}, so class {shown} has "
+                            "no example; labels must be 0..C-1: relabel them, or set data.label_names to read "
+                            "them as names")
         names = [str(i) for i in range(n)]
         ids = np.asarray(ints, dtype=np.int64)
     else:
