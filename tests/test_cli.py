@@ -367,3 +367,45 @@ def test_a_per_method_epoch_count_that_a_step_budget_overrides_is_refused(tmp_pa
     err = bad(tmp_path, capsys, ["run", "--preset", "quick", "--method", "fedavg",
                                  *sets(["by_method.fedavg.train.local_epochs=3", "train.local_steps=4"])])
     assert "by_method.fedavg.train.local_epochs has no effect" in err
+
+
+def test_a_lock_file_removed_between_open_and_lock_is_not_held_in_vain(tmp_path, monkeypatch):
+    """The run we waited for may remove its folder (lock file included) between our open and our flock: a
+    lock on that deleted file would let a third run in. We take the folder's lock file as it is then."""
+    import fcntl
+    import shutil
+
+    from fedslip import cli_common
+    from fedslip.cli_common import LOCK, exclusive
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOCK).write_text("")
+    real, raced = cli_common._lock, []
+
+    def racing(handle, folder):
+        if not raced:
+            raced.append(True)
+            shutil.rmtree(folder)  # the previous holder's clean-up, just before we lock
+        return real(handle, folder)
+
+    monkeypatch.setattr(cli_common, "_lock", racing)
+    with exclusive(out):
+        with open(out / LOCK, "a+") as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a third run is kept out
+
+
+def test_files_are_on_disk_before_they_are_renamed_and_the_rename_after(tmp_path, monkeypatch):
+    import os
+
+    from fedslip import atomic
+
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: calls.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(atomic.os, "replace", lambda a, b: calls.append(("replace",)) or real_replace(a, b))
+    with atomic.atomic_file(tmp_path / "x.txt") as f:
+        f.write("data")
+    assert calls == [("fsync", False), ("replace",), ("fsync", True)]
+    assert (tmp_path / "x.txt").read_text() == "data"

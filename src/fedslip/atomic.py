@@ -41,6 +41,29 @@ def parent_folder(path: Path) -> None:
         raise UserError(f"{path}: its folder cannot be created ({e.strerror or e})") from None
 
 
+def replace_durably(tmp: Path | str, path: Path | str) -> None:
+    """`os.replace(tmp, path)` with the data on disk first and the rename itself made durable: without the
+    two fsyncs a power cut can leave `path` empty on some file systems, the previous version already gone."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    sync_folder(Path(path).parent)
+
+
+def sync_folder(folder: Path | str) -> None:
+    """fsync a folder (its entries: a rename into it); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_file(path: Path | str, binary: bool = False, **open_args) -> Iterator[IO]:
     """An open file that appears at `path`, complete, only when the block ends without an exception."""
@@ -51,7 +74,7 @@ def atomic_file(path: Path | str, binary: bool = False, **open_args) -> Iterator
         with os.fdopen(fd, "wb" if binary else "w", **open_args) as f:
             yield f
         usual_mode(tmp)
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

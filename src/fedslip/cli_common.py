@@ -104,14 +104,21 @@ def exclusive(out: Path) -> Iterator[None]:
     without one, saying so. A folder this run created and locked that holds only its bookkeeping at the end
     (a run that stopped before its first checkpoint) is removed again."""
     created = not out.exists()
+    for _ in range(3):  # the holder we waited for may have removed the folder, lock file and all, meanwhile
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            handle = open(out / LOCK, "a+", encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"--out {out}: cannot be written ({e.strerror or e})") from None
+        try:
+            owned = _lock(handle, out)
+        except BaseException:
+            handle.close()
+            raise
+        if not owned or _same_file(handle, out / LOCK):
+            break
+        handle.close()  # we locked a file that is no longer the folder's lock: take the one there now
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        handle = open(out / LOCK, "a+", encoding="utf-8")
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot be written ({e.strerror or e})") from None
-    owned = False
-    try:
-        owned = _lock(handle, out)
         yield
     finally:
         if owned and created and _only_bookkeeping(out):
@@ -119,11 +126,20 @@ def exclusive(out: Path) -> Iterator[None]:
         handle.close()
 
 
+def _same_file(handle, path: Path) -> bool:
+    try:
+        here, there = os.fstat(handle.fileno()), os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
 def _lock(handle, out: Path) -> bool:
     """Lock `handle` (the folder's lock file) and write our pid into it; False where locks are unavailable."""
     try:
         import fcntl
     except ImportError:
+        warn(f"{out}: no file locks on this system; do not start a second run into it")
         return False
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

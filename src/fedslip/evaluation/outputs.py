@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
+from fedslip.atomic import replace_durably
 from fedslip.evaluation.figures import plot_results
 from fedslip.evaluation.goal import goal_rows
 from fedslip.evaluation.goal import to_markdown as goal_markdown
@@ -48,7 +49,7 @@ def staged(out: Path) -> Iterator[Path]:
         yield stage
         out.mkdir(exist_ok=True)
         for f in stage.iterdir():
-            os.replace(f, out / f.name)
+            replace_durably(f, out / f.name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 

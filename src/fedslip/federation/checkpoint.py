@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from fedslip.atomic import usual_mode
+from fedslip.atomic import replace_durably, usual_mode
 from fedslip.config import Config
 from fedslip.errors import UserError
 from fedslip.evaluation.records import ClientRecord, MethodResult, RoundRecord
@@ -110,7 +110,7 @@ def write_plan(out: Path, methods: list[str]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / (PLAN + ".tmp")
     tmp.write_text(json.dumps({"methods": methods}), encoding="utf-8")
-    os.replace(tmp, folder / PLAN)
+    replace_durably(tmp, folder / PLAN)
 
 
 def read_plan(out: Path) -> list[str]:
@@ -149,7 +149,7 @@ def save(path: Path, glob: dict, clients: list[ClientState] | None, meta: dict[s
     usual_mode(tmp)
     if crash is not None:
         crash("checkpoint")  # tests: a crash after the temporary file, before the rename
-    os.replace(tmp, path)
+    replace_durably(tmp, path)
 
 
 def _read(path: Path, tensors: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fedslip.atomic import replace_durably
 from fedslip.methods.base import ClientState
 
 
@@ -85,7 +85,7 @@ def save_state_file(path: Path, state: ClientState, meta: dict[str, Any]) -> Non
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"skeleton": skeleton, "meta": json.dumps(meta)})
-    os.replace(tmp, path)
+    replace_durably(tmp, path)
 
 
 def load_state_file(path: Path) -> tuple[ClientState, dict[str, Any]] | None:
