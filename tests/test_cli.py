@@ -242,8 +242,11 @@ def test_split_refuses_a_used_folder_and_prints_a_run_config_line_that_parses(tm
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("run config: "))
     toml = line.removeprefix("run config: ").replace(", overrides", "\noverrides")
     overrides = tomllib.loads(toml)["overrides"]
-    names = tomllib.loads(overrides.replace("data.label_names=", "names = "))["names"]
+    parts = dict(p.split("=", 1) for p in overrides.split("; "))  # these class names hold no "; "
+    names = tomllib.loads("v = " + parts["data.label_names"])["v"]
     assert len(names) >= 2 and all(isinstance(n, str) for n in names)
+    assert tomllib.loads("v = " + parts["data.text_columns"])["v"] == ["text"]
+    assert tomllib.loads("v = " + parts["data.label_column"])["v"] == "label"
     before = sorted(p.name for p in out.rglob("*"))
     assert main(argv) == 2 and "not empty" in capsys.readouterr().err
     assert sorted(p.name for p in out.rglob("*")) == before

@@ -44,8 +44,11 @@ def parent_folder(path: Path) -> None:
 def replace_durably(tmp: Path | str, path: Path | str) -> None:
     """`os.replace(tmp, path)` with the data on disk first and the rename itself made durable: without the
     two fsyncs a power cut can leave `path` empty on some file systems, the previous version already gone."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    if Path(tmp).is_dir():  # a staged folder: its entries
+        sync_folder(tmp)
+    else:
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
     os.replace(tmp, path)
     sync_folder(Path(path).parent)
 
