@@ -412,3 +412,8 @@ def test_files_are_on_disk_before_they_are_renamed_and_the_rename_after(tmp_path
         f.write("data")
     assert calls == [("fsync", False), ("replace",), ("fsync", True)]
     assert (tmp_path / "x.txt").read_text() == "data"
+
+
+def test_no_clipping_is_still_a_setting(tmp_path):
+    assert main(["run", "--method", "fedavg", "--quiet", "--out", str(tmp_path / "x"),
+                 *sets(["train.clip=inf", "train.rounds=1"])]) == 0

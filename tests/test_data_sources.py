@@ -464,3 +464,13 @@ def test_a_csv_field_longer_than_the_csv_modules_default_limit_is_read(tmp_path)
     f = write_csv(tmp_path / "a.csv", ["text", "label"], [[long, 0], ["b", 1], ["c", 0], ["d", 1]])
     data = load_data(DataConfig(source="csv", train_file=f, test_file=f))
     assert data.train["text"][0] == long.strip() or data.train["text"][0] == long
+
+
+def test_a_test_file_is_read_in_its_own_format(tmp_path):
+    import json as _json
+
+    f = write_csv(tmp_path / "train.csv", ["text", "label"], [["a", 0], ["b", 1], ["c", 0], ["d", 1]])
+    g = tmp_path / "test.jsonl"
+    g.write_text("".join(_json.dumps({"text": t, "label": l}) + "\n" for t, l in (("e", 1), ("f", 0))), encoding="utf-8")
+    data = load_data(DataConfig(source="csv", train_file=f, test_file=str(g)))
+    assert list(data.test["text"]) == ["e", "f"] and list(data.test["label"]) == [1, 0]

@@ -190,3 +190,29 @@ def test_a_mean_over_fewer_clients_says_so(tiny_prep, capsys):
     result, _ = Simulation(tiny_prep, METHODS["fedslip"](cfg)).run()
     assert result.final["persistent_acc_clients"] == 2 and "personal_acc_clients" not in result.final
     assert "persistent acc is over 2 of 4 clients" in capsys.readouterr().err
+
+
+def test_a_late_reply_in_a_clients_first_round_leaves_it_fresh(tiny_prep, tmp_path):
+    """The server took no round of this client yet (state-round 0): the node goes on from a fresh state, as
+    a client that failed its first round does in-process, not from the round it trained too late."""
+    pytest.importorskip("flwr", reason="the Flower runtime needs the `flower` extra: pip install -e '.[flower]'")
+    from flower_util import flower_run
+
+    from fedslip.federation.client_state import state_digest
+    from fedslip.federation.flower.client import load_client_state
+
+    cfg = tiny_config("fedslip", train={"rounds": 2, "failures": [[1, 2], [2, 2]]}, method={"kstep": False})
+    sim = Simulation(tiny_prep, METHODS["fedslip"](cfg))
+    sim.run()
+    server, grid, _ = flower_run(tmp_path, "fedslip", tiny_prep, {"train": {"rounds": 2}, "method": {"kstep": False}},
+                                 late=lambda pid, rnd: pid == 2)
+    assert server.transport.state_rounds.get(2, 0) == 0
+    node = grid.node_of(2)
+    kept = load_client_state(server_side_for(grid, node), grid.contexts[node], 2, server.transport.run_key, 0)
+    assert state_digest(kept) == state_digest(sim.clients[2])
+
+
+def server_side_for(grid, node):
+    from fedslip.federation.flower.app import node_runtime
+
+    return node_runtime(grid.contexts[node]).side

@@ -44,27 +44,35 @@ def parent_folder(path: Path) -> None:
 def replace_durably(tmp: Path | str, path: Path | str) -> None:
     """`os.replace(tmp, path)` with the data on disk first and the rename itself made durable: without the
     two fsyncs a power cut can leave `path` empty on some file systems, the previous version already gone."""
-    if Path(tmp).is_dir():  # a staged folder: its entries
+    if Path(tmp).is_dir():  # a staged folder: its files, then its entries
+        for f in Path(tmp).iterdir():
+            if f.is_file():
+                _sync(f)
         sync_folder(tmp)
     else:
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        _sync(tmp)
     os.replace(tmp, path)
     sync_folder(Path(path).parent)
 
 
-def sync_folder(folder: Path | str) -> None:
-    """fsync a folder (its entries: a rename into it); a no-op where folders cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
+def _sync(path: Path | str) -> None:
+    """fsync a file through a read-only descriptor (a file without write permission syncs too); file systems
+    that cannot fsync are left to their own guarantees."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     except OSError:
         pass
     finally:
         os.close(fd)
+
+
+def sync_folder(folder: Path | str) -> None:
+    """fsync a folder (its entries: a rename into it); a no-op where folders cannot be opened (Windows)."""
+    try:
+        _sync(folder)
+    except OSError:
+        pass
 
 
 @contextlib.contextmanager

@@ -54,7 +54,7 @@ def _execute(args, methods: list[str], out: Path) -> int:
     from fedslip.federation.checkpoint import write_plan
 
     cfg = config_from_args(args, methods[0])
-    if cfg.method.strategy != "method":
+    if cfg.method.strategy.strip().lower() != "method":
         _need_flower(cfg.method.strategy)
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     folders = {s: out / f"seed-{s}" for s in seeds} if seeds else {cfg.train.seed: out}

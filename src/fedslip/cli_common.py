@@ -103,8 +103,9 @@ def exclusive(out: Path) -> Iterator[None]:
     leaves none); where the system has no such locks (no fcntl, some network file systems) the run goes on
     without one, saying so. A folder this run created and locked that holds only its bookkeeping at the end
     (a run that stopped before its first checkpoint) is removed again."""
-    created = not out.exists()
-    for _ in range(3):  # the holder we waited for may have removed the folder, lock file and all, meanwhile
+    created = False
+    for attempt in range(3):  # the holder we waited for may have removed the folder, lock file and all, meanwhile
+        created = created or not out.exists()
         try:
             out.mkdir(parents=True, exist_ok=True)
             handle = open(out / LOCK, "a+", encoding="utf-8")
@@ -118,6 +119,8 @@ def exclusive(out: Path) -> Iterator[None]:
         if not owned or _same_file(handle, out / LOCK):
             break
         handle.close()  # we locked a file that is no longer the folder's lock: take the one there now
+        if attempt == 2:
+            raise UserError(f"{out}: its lock file keeps being replaced by another run; try again")
     try:
         yield
     finally:

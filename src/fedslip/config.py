@@ -277,6 +277,9 @@ def load_config(path: str | None = None, preset: str | None = None, method: str 
     return cfg
 
 
+UNBOUNDED = {("train", "clip")}  # inf is meaningful here: no clipping
+
+
 def _check_types(cfg: Config) -> None:
     """Each value must match its field's annotation (ints are accepted where floats are expected)."""
     for section, cls in _section_classes().items():
@@ -291,7 +294,8 @@ def _check_types(cfg: Config) -> None:
                 value = float(value)
                 setattr(obj, f.name, value)
             ok = {"int": isinstance(value, int) and not isinstance(value, bool),
-                  "float": isinstance(value, float) and math.isfinite(value),  # inf, nan: never a setting
+                  "float": isinstance(value, float) and (math.isfinite(value) or (
+                      value == math.inf and (section, f.name) in UNBOUNDED)),  # nan, inf: never a setting but these
                   "bool": isinstance(value, bool),
                   "str": isinstance(value, str),
                   "list[str]": isinstance(value, list) and all(isinstance(v, str) for v in value),

@@ -156,7 +156,9 @@ def _load_files(cfg: DataConfig, whole_federation: bool = True) -> TextData:
     train_rows = read(_existing(cfg.train_file, "data.train_file"), cols)
     train_texts, train_raw, _ = _texts_and_labels(train_rows, cfg, cfg.train_file)
     if cfg.test_file:
-        test_rows = read(_existing(cfg.test_file, "data.test_file"), cols)
+        read_test = read if Path(cfg.test_file).suffix.lower() not in (".csv", ".jsonl", ".ndjson") else \
+            (read_csv_rows if file_format(cfg.test_file) == "csv" else read_jsonl_rows)
+        test_rows = read_test(_existing(cfg.test_file, "data.test_file"), cols)
         test_texts, test_raw, test_lines = _texts_and_labels(test_rows, cfg, cfg.test_file)
     else:
         test_texts, test_raw, test_lines = [], [], []
@@ -447,8 +449,8 @@ def _load_hub(cfg: DataConfig) -> TextData:
     test_texts, test_raw, test_rows = columns(dd["test"], "test") if "test" in dd else ([], [], [])
     files = {"train": f"hub dataset {name} (train)", "test": f"hub dataset {name} (test)"}
     n = cfg.num_classes if cfg.num_classes is not None else (len(class_names) if class_names else None)
-    train_ids, test_ids, names = encode_labels(train_raw, test_raw, n, files)
-    if class_names and len(class_names) == len(names):
+    train_ids, test_ids, names = encode_labels(train_raw, test_raw, n, files, cfg.label_names)
+    if class_names and len(class_names) == len(names) and not cfg.label_names:
         names = class_names
     if "test" in dd:
         _warn_test_only(train_ids, test_ids, test_rows, names, files, "row")

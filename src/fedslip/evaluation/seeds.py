@@ -65,7 +65,7 @@ def to_markdown(rows: Sequence[dict]) -> str:
 
 
 def write_csv(rows: Sequence[dict], path: Path) -> None:
-    fields = ["n_seeds", "seeds"] + [k for key, _, _ in COLUMNS for k in (key, f"{key}_std")]
+    fields = ["n_seeds", "seeds"] + [k for key, _, _ in COLUMNS for k in (key, f"{key}_std", f"{key}_n")]
     to_csv(rows, path, fields)
 
 

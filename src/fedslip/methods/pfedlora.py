@@ -142,6 +142,6 @@ class PFedLoRA(Method):
         return None  # no global model: see the module docstring
 
     def personal_view(self, model: AdaptedModel, glob: Tensors, client: ClientState) -> Tensors:
-        """The client's model as it left its last round: the adapter it trained its local model with (the
-        engine keeps every client's last upload in `client.sent`)."""
+        """The client's model as it left its last round: the adapter it fitted to its local model in phase 2
+        and uploaded (the engine keeps every client's last upload in `client.sent`)."""
         return {**self.client_view(model, glob, client), **client.sent}

@@ -149,7 +149,7 @@ def load_client_state(side, context: Context, pid: int, key: str, state_round: i
             state, meta = got
             _event(context, event="resume", partition=pid, round=int(meta["round"]), digest=state_digest(state))
             log.info("partition %d: resumed private state of round %s from %s", pid, meta["round"], path)
-    if got is None and newer is not None:
+    if got is None and newer is not None and not (strict and state_round == 0):  # round 0: fresh, exactly
         log.warning("partition %d: the server goes on from round %d, this node kept only round %s's state",
                     pid, state_round, newer[1]["round"])
         got = newer
@@ -161,13 +161,16 @@ def load_client_state(side, context: Context, pid: int, key: str, state_round: i
     return got[0] if got is not None else side.fresh_state(pid)
 
 
-def store_client_state(context: Context, pid: int, state: ClientState, rnd: int, key: str, keep: int) -> None:
+def store_client_state(context: Context, pid: int, state: ClientState, rnd: int, key: str, keep: int,
+                       kept_from: int = 0) -> None:
+    """Save round `rnd`'s state; of the older files keep the last `keep`, and every one from round `kept_from`
+    (the round the server said it goes on from) on, however many late replies came since."""
     meta = {"round": rnd, "partition-id": pid, "run-key": key}
     state_to_context(context, state, meta)
     if (path := state_file(context, pid, key, rnd)) is not None:
         save_state_file(path, state, meta)
         save_state_file(state_file(context, pid, key), state, meta)
-        for old in saved_rounds(context, pid, key)[:-keep]:
+        for old in [r for r in saved_rounds(context, pid, key)[:-keep] if r < kept_from]:
             state_file(context, pid, key, old).unlink(missing_ok=True)
         _event(context, event="save", partition=pid, round=rnd, digest=state_digest(state),
                private=private_fingerprints(state))
@@ -180,8 +183,10 @@ def handle(side, n_clients: int, msg: Message, context: Context) -> Message:
     key = str(req.config.pop("run-key", context.run_id))
     said = req.config.pop("state-round", None)
     default = req.round - 1 if req.kind == TRAIN else req.round  # a server that does not say: the last round
-    state = load_client_state(side, context, pid, key, default if said is None else int(said), said is not None)
+    state_round = default if said is None else int(said)
+    state = load_client_state(side, context, pid, key, state_round, said is not None)
     answer, state = side.handle(req, state)
     if req.kind == TRAIN:
-        store_client_state(context, pid, state, req.round, key, KEEP_ROUNDS + side.cfg.train.checkpoint_every)
+        store_client_state(context, pid, state, req.round, key, KEEP_ROUNDS + side.cfg.train.checkpoint_every,
+                           state_round)
     return Message(answer_content(answer), reply_to=msg)

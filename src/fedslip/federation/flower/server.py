@@ -28,6 +28,7 @@ from fedslip.federation.payload import encode
 from fedslip.federation.protocol import RoundProtocol
 
 log = logging.getLogger("flwr")
+REASK = 30.0  # seconds before a node that could not say its partition is asked again
 
 
 class FlowerTransport:
@@ -45,7 +46,7 @@ class FlowerTransport:
         # one it saved then (a node that trained a round it was counted as failed in goes back to it)
         self.state_rounds: dict[int, int] | None = {}  # None: resumed from a checkpoint made before they were kept
         self.superseded: set[int] = set()  # nodes whose partition a newer node took: never asked again
-        self.refused: dict[int, str] = {}  # node -> why it could not say its partition (its error, first line)
+        self.refused: dict[int, tuple[str, float]] = {}  # node -> (why it could not say its partition, when)
 
     def checkpoint_meta(self) -> dict:
         rounds = None if self.state_rounds is None else {str(k): v for k, v in self.state_rounds.items()}
@@ -110,8 +111,9 @@ class FlowerTransport:
             self.wire.append({**describe_message(r, "up"), "partition": cid, "arrays": None})
             if r.has_error():
                 failed[cid] = r.error.reason.strip().splitlines()[0] if r.error.reason.strip() else "error reply"
-                if NO_STATE in failed[cid]:  # going on would train this partition from a fresh state, silently
-                    raise UserError(f"partition {cid}: {failed[cid][failed[cid].index(NO_STATE):]}")
+                if NO_STATE in r.error.reason:  # going on would train this partition from a fresh state, silently
+                    said = r.error.reason[r.error.reason.index(NO_STATE):].splitlines()[0]
+                    raise UserError(f"partition {cid}: {said}")
             else:
                 got[cid] = r
         failed.update({cid: "no reply before the round timeout" for cid in cids if cid not in got and cid not in failed})
@@ -126,14 +128,15 @@ class FlowerTransport:
                 pid = self.node_partition.pop(node)
                 if self.partition_node.get(pid) == node:
                     del self.partition_node[pid]
+            now = time.monotonic()  # a refused node is asked again now and then: its operator may fix it
             new = sorted(n for n in online if n not in self.node_partition and n not in self.superseded
-                         and n not in self.refused)
+                         and now - self.refused.get(n, ("", -REASK))[1] >= REASK)
             if new:
                 self._ask_partitions(new)
             if len(self.partition_node) >= need:
                 return
             if time.monotonic() > deadline:
-                why = "".join(f"; node {n}: {reason}" for n, reason in sorted(self.refused.items()) if n in online)
+                why = "".join(f"; node {n}: {reason}" for n, (reason, _) in sorted(self.refused.items()) if n in online)
                 raise UserError(f"only {len(self.partition_node)} of the {need} required clients are online "
                                 f"after {timeout:.0f} s (partitions {sorted(self.partition_node)}){why}")
             time.sleep(1.0)
@@ -143,9 +146,11 @@ class FlowerTransport:
         for r in self.grid.send_and_receive(ask, timeout=self.timeout):
             if r.has_error():  # e.g. a SuperNode started without its partition-id: said once, not asked again
                 reason = r.error.reason.strip().splitlines()[-1] if r.error.reason.strip() else "error reply"
-                if r.metadata.src_node_id in nodes and r.metadata.src_node_id not in self.refused:
-                    self.refused[r.metadata.src_node_id] = reason
-                    log.warning("node %d cannot take part: %s", r.metadata.src_node_id, reason)
+                node = r.metadata.src_node_id
+                if node in nodes:
+                    if self.refused.get(node, ("",))[0] != reason:
+                        log.warning("node %d cannot take part: %s", node, reason)
+                    self.refused[node] = (reason, time.monotonic())
                 continue
             info = r.content[INFO]
             pid, n_parts = int(info["partition-id"]), int(info["num-partitions"])
@@ -153,6 +158,7 @@ class FlowerTransport:
                 raise UserError(f"node {r.metadata.src_node_id} has partition-id={pid} num-partitions="
                                 f"{n_parts}; this run has partition.n_clients={self.n_clients}")
             node = r.metadata.src_node_id
+            self.refused.pop(node, None)
             old = self.partition_node.get(pid)
             if old is not None and old != node:  # a restarted node: the newest connection wins
                 self.node_partition.pop(old, None)
