@@ -22,8 +22,8 @@ classification head. The head is therefore `local` (the only head policy this me
 head would average classifiers of different depths, and the engine's single-view evaluation of a shared
 or frozen head cannot represent clients of different depths).
 
-Iterative training, each round (the paper's global-local knowledge exchange, in its order: global to
-local, then local to global): the client loads the global adapter, then
+Iterative training, each round (the paper's global-local knowledge exchange, in the order summaries of the
+paper give: global to local, then local to global): the client loads the global adapter, then
 1. local phase: `local_epochs` epochs training only its local model, the global adapter frozen (its output
    is detached, so gradients reach only the local model); this AdamW's state persists on the client across
    rounds, as the local model does;
