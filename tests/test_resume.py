@@ -204,3 +204,15 @@ def test_resume_refuses_to_drop_a_method_of_the_folder(tmp_path, capsys):
     code, err = fedslip(out, ["run", "--method", "fedavg"], extra=["train.rounds=1"], resume=True, capsys=capsys)
     assert code == 2 and "local" in err and "--methods fedavg,local" in err
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_auto_on_a_gpu_and_naming_that_gpu_resume_each_other():
+    """`auto` resolves to "cuda" (the current device); `train.device = "cuda:0"` names it: the same GPU."""
+    from fedslip.federation.checkpoint import comparable, differences
+
+    def fp(device):
+        return {"config": {"train": {"device": "auto"}}, "data": "d", "precision": "bf16", "device": device}
+
+    assert differences(*comparable(fp("cuda"), fp("cuda:0"))) == []
+    assert differences(*comparable(fp("cuda"), fp("cuda:1")))
+    assert differences(*comparable(fp("cuda:0"), fp("cpu")))

@@ -82,6 +82,8 @@ def comparable(saved: dict, now: dict) -> tuple[dict, dict]:
                 data[key] = os.path.realpath(data[key])
         if not by_content:
             fp.pop("data", None)
+        if fp.get("device") == "cuda":  # `auto` resolves to "cuda": the current device, as a named cuda:0
+            fp["device"] = "cuda:0"
     return saved, now
 
 
