@@ -191,3 +191,17 @@ def test_cpu_runs_keep_freed_memory_instead_of_page_faulting():
     assert fresh_every_step > 8 * 16384 * 0.9  # the 8 measured steps
     assert faults("keep") < fresh_every_step / 4
     assert resolve("cpu", "fp32").info["freed_memory"].startswith("kept")
+
+
+@pytest.mark.parametrize("capability,want", [((7, 0), torch.float32), ((7, 5), torch.float32), ((8, 0), torch.bfloat16),
+                                             ((9, 0), torch.bfloat16)])
+def test_auto_on_a_gpu_takes_bf16_only_where_it_is_native(monkeypatch, capability, want):
+    """torch's is_bf16_supported() says yes on a V100 or T4, which only emulate bf16: auto must not pick it
+    there, and an explicit bf16 is refused."""
+    monkeypatch.setattr(placement_module, "resolve_device", lambda setting: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
+    assert resolve("cuda", "auto").dtype == want
+    if want == torch.float32:
+        with pytest.raises(UserError, match="no native bf16"):
+            resolve("cuda", "bf16")

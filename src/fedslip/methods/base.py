@@ -245,6 +245,13 @@ class Method:
 
 
 # --- shared helpers ------------------------------------------------------------------------------------
+def host_state(opt: torch.optim.Optimizer) -> dict:
+    """The optimizer's state to keep with a client: on the host, as the rest of a client's state is (on a
+    GPU, a thousand clients' moments would otherwise stay in its memory); `adamw` moves it back."""
+    return {k: ({i: {n: t.cpu() if isinstance(t, torch.Tensor) else t for n, t in st.items()}
+                 for i, st in v.items()} if k == "state" else v) for k, v in opt.state_dict().items()}
+
+
 def adamw(params, lr: float, weight_decay: float, state: dict | None = None) -> torch.optim.AdamW:
     """AdamW at `lr`; `state`: moments kept from an earlier round (its saved learning rate is not)."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)

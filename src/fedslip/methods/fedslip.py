@@ -31,7 +31,7 @@ from contextlib import nullcontext
 
 import torch
 
-from fedslip.methods.base import ClientData, ClientState, Method, adamw, mean, sgd_step, training
+from fedslip.methods.base import ClientData, ClientState, Method, adamw, host_state, mean, sgd_step, training
 from fedslip.methods.newcomer import private_join
 from fedslip.model.adapted import AdaptedModel
 from fedslip.seeding import SideStream, client_gen, derive, torch_gen
@@ -173,7 +173,7 @@ class FedSLIP(DualTrack):
                     with model.mode("private" if self.m.private_step_global == "constant" else "both"), \
                             (swap or nullcontext()), side:
                         p_losses.append(sgd_step(model, batch, p_names, opt_p, self.t.clip, scale=self.m.lambda_p))
-        client.optim["private"] = opt_p.state_dict()
+        client.optim["private"] = host_state(opt_p)
         if self.m.private_head and p_losses:
             self.keep_own_head(client, {n: swap.values[n] for n in model.head_names})
         self.keep_private(model, client)

@@ -45,7 +45,7 @@ from __future__ import annotations
 import torch
 
 from fedslip.errors import UserError
-from fedslip.methods.base import ClientData, ClientState, Method, Payload, adamw, mean, sgd_step, training
+from fedslip.methods.base import ClientData, ClientState, Method, Payload, adamw, host_state, mean, sgd_step, training
 from fedslip.model.adapted import AdaptedModel, Tensors
 from fedslip.model.adapters import DualLoRALinear
 from fedslip.model.backbone import Backbone
@@ -133,7 +133,7 @@ class PFedLoRA(Method):
                 for batch in self.local_batches(data):
                     a_losses.append(sgd_step(model, batch, adapter, opt_a, self.t.clip))
             up = model.read(adapter)
-        client.optim["local"] = opt_l.state_dict()
+        client.optim["local"] = host_state(opt_l)
         client.tensors.update(model.read(local))
         return up, client, {"loss": mean(l_losses), "adapter_loss": mean(a_losses)}
 

@@ -65,8 +65,9 @@ class AdaptedModel:
         """Move to the device; store the frozen backbone (not adapters, not the head) in its precision.
 
         On CPU, attention runs as plain matmuls ("eager"): for the short sequences of text classification
-        its backward pass is 2x faster in bf16 than PyTorch's fused CPU attention (and as fast in fp32;
-        `benchmarks/throughput.py`), and the backbone's own dropout draws cheap masks (`cheap_dropout`)."""
+        its backward pass was recorded as 2x faster in bf16 than PyTorch's fused CPU attention (an earlier
+        session's figure; no kept benchmark reproduces it), and the backbone's own dropout draws cheap masks
+        (`cheap_dropout`)."""
         self.net.to(self.device)
         if self.device.type == "cpu" and hasattr(self.net, "set_attn_implementation"):
             use_cheap_dropout(self.net)

@@ -137,17 +137,23 @@ def compute_kind(device: torch.device) -> dict:
     return {"cpu": model, "simd": " ".join(f for f in SIMD_FLAGS if f in flags), "threads": torch.get_num_threads()}
 
 
+def native_cuda_bf16(device: torch.device) -> bool:
+    """bf16 in hardware on that GPU (compute capability 8.0, Ampere, or later). torch's own
+    `is_bf16_supported()` also says yes where bf16 is only emulated (V100, T4), and asks the current device."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def resolve(device_setting: str, precision_setting: str) -> Placement:
     device = resolve_device(device_setting)
     info: dict = {"device": str(device), "device_setting": device_setting, "precision_setting": precision_setting}
     if precision_setting == "fp32":
         dtype = torch.float32
     elif precision_setting == "bf16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise UserError(f"train.precision = 'bf16': {torch.cuda.get_device_name(device)} has no bf16")
+        if device.type == "cuda" and not native_cuda_bf16(device):
+            raise UserError(f"train.precision = 'bf16': {torch.cuda.get_device_name(device)} has no native bf16")
         dtype = torch.bfloat16
     elif device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        dtype = torch.bfloat16 if native_cuda_bf16(device) else torch.float32
     else:
         measured = probe(device)
         info["probe"] = measured
