@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedslip.errors import UserError
-from fedslip.evaluation.metrics import scored
+from fedslip.evaluation.metrics import scored_mean
 from fedslip.federation import checkpoint
 
 
@@ -35,12 +35,6 @@ def queued(folder: Path) -> list[tuple[str, str]]:
             seed = str(describe(checkpoint.path_for(f, next(iter(started))))["seed"])
         rows += [(m, seed or "—") for m in checkpoint.read_plan(f) if m not in started]
     return rows
-
-
-def _mean(values: list[float] | None) -> float | None:
-    """Over the clients evaluated (a NaN: not evaluated that round), as the run's own tables do."""
-    present = [v for v in values or [] if scored(v)]
-    return sum(present) / len(present) if present else None
 
 
 RECENT = 5  # rounds whose pace predicts the rest
@@ -78,8 +72,8 @@ def describe(path: Path) -> dict:
             wall, done, costs or [1.0] * total, meta.get("round_seconds")),
         "precision": f"{meta['fingerprint']['device']}, {meta['fingerprint']['precision']}",
         "eval_round": last.get("round"), "global": last.get("global_acc"),
-        "client": _mean(last.get("client_acc")), "synced": _mean(last.get("personal_acc")),
-        "persistent": _mean(last.get("persistent_acc")),
+        "client": scored_mean(last.get("client_acc")), "synced": scored_mean(last.get("personal_acc")),
+        "persistent": scored_mean(last.get("persistent_acc")),
     }
 
 

@@ -33,6 +33,12 @@ def scored(value: float | None) -> bool:
     return value is not None and not math.isnan(value)
 
 
+def scored_mean(values: list[float | None] | None) -> float | None:
+    """The mean over the clients evaluated (None where none was)."""
+    present = [v for v in values or [] if scored(v)]
+    return sum(present) / len(present) if present else None
+
+
 def _means(values: list[float | None], weights: list[int]) -> tuple[float | None, float | None, float | None]:
     pairs = [(v, w) for v, w in zip(values, weights) if scored(v)]
     if not pairs:

@@ -21,7 +21,7 @@ from fedslip.atomic import replace_durably
 from fedslip.evaluation.figures import plot_results
 from fedslip.evaluation.goal import goal_rows
 from fedslip.evaluation.goal import to_markdown as goal_markdown
-from fedslip.evaluation.metrics import scored
+from fedslip.evaluation.metrics import scored_mean
 from fedslip.evaluation.records import MethodResult
 from fedslip.evaluation.tables import comparison_rows, to_csv, to_markdown
 from fedslip.federation.ledger import Ledger, write_ledger_csv
@@ -64,8 +64,7 @@ def _rounds_rows(results: list[MethodResult]) -> list[dict]:
                    "evaluated": r.evaluated, "global_acc": r.global_acc}
             for key in ("client_acc", "personal_acc", "persistent_acc"):
                 values = getattr(r, key)
-                present = [v for v in values or [] if scored(v)]  # clients not evaluated left out, as in results.json
-                row[f"{key}_mean"] = sum(present) / len(present) if present else None
+                row[f"{key}_mean"] = scored_mean(values)  # clients not evaluated left out, as in results.json
                 for k in (c.client for c in res.clients if not c.held_out):
                     row[f"{key}_{k}"] = values[k] if values else None
             rows.append(row)
