@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -248,6 +249,39 @@ def test_hf_source_class_label_names_and_holdout(monkeypatch):
     columns_ok(data.train)
     assert collections.Counter(data.test["label"][:]) == {0: 1, 1: 1}  # round(0.2 * 5) per class
     assert len(data.train) == 8
+
+
+def test_hf_config_and_test_split(monkeypatch):
+    import datasets
+
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["negative", "positive"])})
+
+    def split(labels):
+        return datasets.Dataset.from_dict({"sentence": [f"s{i}" for i in range(len(labels))], "label": labels},
+                                          features=features)
+
+    glue = datasets.DatasetDict({"train": split([0, 1] * 5), "validation": split([1, 0, 1]),
+                                 "test": split([-1] * 4)})  # GLUE's way: the test split is unlabeled
+    asked = []
+    fake_hub(monkeypatch, glue)
+    monkeypatch.setattr(sources.datasets, "load_dataset", lambda *a, **k: asked.append(a) or glue)
+    cfg = DataConfig(source="hf", hf_name="nyu-mll/glue", hf_config="sst2", text_columns=["sentence"])
+    with pytest.raises(UserError, match=r"^hub dataset nyu-mll/glue \(sst2\) \(test\): every label is -1.*"
+                                        r"data.hf_test_split"):
+        load_data(cfg)
+    assert asked == [("nyu-mll/glue", "sst2")]
+    data = load_data(replace(cfg, hf_test_split="validation"))
+    assert data.test["label"][:] == [1, 0, 1] and data.label_names == ["negative", "positive"]
+    assert len(data.train) == 10
+    held = load_data(replace(cfg, hf_test_split=""))  # held out of train: 20 % of each class
+    assert len(held.train) == 8 and sorted(held.test["label"][:]) == [0, 1]
+    for bad, says in (("dev", "no such split"), ("train", "cannot test on its training split")):
+        with pytest.raises(UserError, match=f"data.hf_test_split = '{bad}': .*{says}"):
+            load_data(replace(cfg, hf_test_split=bad))
+    assert asked[-1] == ("nyu-mll/glue", "sst2")
+    load_data(DataConfig(source="hf", hf_name="x/y", text_columns=["sentence"], hf_test_split="validation"))
+    assert asked[-1] == ("x/y",)  # no config: none passed
 
 
 def test_ag_news_from_fake_hub(monkeypatch):

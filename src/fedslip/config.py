@@ -32,6 +32,8 @@ class DataConfig:
     num_classes: int | None = None  # None: inferred from the training labels
     label_names: list[str] | None = None  # the label set in class order (None: sorted names, or 0..C-1)
     hf_name: str = "fancyzhx/ag_news"  # source = "hf": any hub dataset with text/label columns
+    hf_config: str | None = None  # source = "hf": the dataset's configuration ("sst2" of "nyu-mll/glue")
+    hf_test_split: str = "test"  # source = "hf": the split to test on; "" (or a dataset without it): hold out
     synthetic_per_class: int = 300  # source = "synthetic": examples per class in each split
 
 
