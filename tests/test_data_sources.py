@@ -196,6 +196,12 @@ def test_jsonl(tmp_path):
     bad.write_text(json.dumps({"text": "a", "label": 0}) + "\n" + json.dumps({"text": "b"}) + "\n")
     with pytest.raises(UserError, match="bad.jsonl: line 2: missing 'label'"):
         load_data(DataConfig(source="jsonl", train_file=str(bad)))
+    rows = [{"text": "a", "label": 0}, {"text": "b", "label": 1}]
+    for bad_row, says in (({"text": ["x", "y"], "label": 0}, "line 3: 'text' holds a list"),
+                          ({"text": "x", "label": {"id": 1}}, "line 3: 'label' holds an object")):
+        bad.write_text("".join(json.dumps(r) + "\n" for r in [*rows, bad_row]))
+        with pytest.raises(UserError, match=f"bad.jsonl: {says}.*, not a single value"):
+            load_data(DataConfig(source="jsonl", train_file=str(bad)))
 
 
 def test_synthetic_deterministic_and_balanced():

@@ -304,7 +304,9 @@ def test_predict_reads_and_writes_json_lines(fedslip_run, client_export, prep, t
 @pytest.mark.parametrize("content,says", [('{"title": "a"}\n', "no column 'body'"),
                                           ('{"title": "a", "body": "b"}\n{"title": "c"}\n', "line 2: missing 'body'"),
                                           ('{"title": "a", "body": "b"}\nnot json\n', "line 2 is not valid JSON"),
-                                          ('["a", "b"]\n', "line 1 is not a JSON object")])
+                                          ('["a", "b"]\n', "line 1 is not a JSON object"),
+                                          ('{"title": "a", "body": "b"}\n{"title": {"x": 1}, "body": "b"}\n',
+                                           "line 2: 'title' holds an object (a mapping)")])
 def test_predict_bad_json_lines(client_export, tmp_path, capsys, content, says):
     data = tmp_path / "data.jsonl"
     data.write_text(content)

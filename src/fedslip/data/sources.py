@@ -281,9 +281,19 @@ def _missing(v) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip())
 
 
-def joined_text(row: dict, columns: list[str]) -> str:
-    """A row's text columns joined by a space, a missing value counting as "" (training and predict alike)."""
+def joined_text(row: dict, columns: list[str], where: str = "") -> str:
+    """A row's text columns joined by a space, a missing value counting as "" (training and predict alike).
+    A JSON array or object is no text (its Python repr would be trained on): one line, `where` first."""
+    for c in columns:
+        _refuse_nested(row.get(c), c, where)
     return " ".join("" if _missing(row.get(c)) else str(row.get(c)) for c in columns)
+
+
+def _refuse_nested(value, column: str, where: str) -> None:
+    if isinstance(value, (dict, list)):
+        kind = "an object (a mapping)" if isinstance(value, dict) else "a list"
+        raise UserError(f"{where}{column!r} holds {kind}, not a single value; flatten it into a string "
+                        "or number (or name another column)")
 
 
 def _texts_and_labels(rows: list[tuple[int, dict]], cfg: DataConfig, file: str,
@@ -293,11 +303,12 @@ def _texts_and_labels(rows: list[tuple[int, dict]], cfg: DataConfig, file: str,
     Returns (texts, labels, line of each kept row); `unit` is how `file` counts rows ("line" or "row")."""
     texts, labels, lines, empty = [], [], [], []
     for n, row in rows:
-        text = joined_text(row, cfg.text_columns)
+        text = joined_text(row, cfg.text_columns, f"{file}: {unit} {n}: ")
         if not text.strip():
             empty.append(n)
             continue
         label = row.get(cfg.label_column)
+        _refuse_nested(label, cfg.label_column, f"{file}: {unit} {n}: ")
         if _missing(label):
             raise UserError(f"{file}: {unit} {n}: missing {cfg.label_column!r}; fill it in or remove the row")
         texts.append(text)

@@ -79,7 +79,7 @@ def read_texts(path: Path, columns: list[str]) -> list[str]:
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     read = read_jsonl_rows if is_jsonl(path) else read_csv_rows
-    return [joined_text(row, columns) for _, row in read(path, columns, "pass --text-columns")]
+    return [joined_text(row, columns, f"{path}: line {n}: ") for n, row in read(path, columns, "pass --text-columns")]
 
 
 def write_predictions(out: Path, texts: list[str], probs: np.ndarray, names: list[str]) -> None:
