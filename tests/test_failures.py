@@ -113,7 +113,7 @@ def test_outputs_say_who_failed(tiny_prep, tmp_path):
     cfg = tiny_config("fedslip", train={"rounds": 3, "failures": SCHEDULE})
     sim = Simulation(tiny_prep, METHODS["fedslip"](cfg))
     result, ledger = sim.run()
-    write_outputs(tmp_path, tiny_prep, [(result, ledger)], 1.0)
+    write_outputs(tmp_path, tiny_prep, [(result, ledger)])
     with open(tmp_path / "rounds.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert [r["failed"] for r in rows] == ["", "1", "0 2"]
@@ -135,7 +135,7 @@ def test_rounds_csv_means_leave_out_unevaluated_clients_as_results_json_does(tin
 
     cfg = tiny_config("fedslip", train={"rounds": 2, "client_fraction": 0.5}, method={"warmup_rounds": 0})
     result, ledger = Simulation(tiny_prep, METHODS["fedslip"](cfg)).run()
-    write_outputs(tmp_path, tiny_prep, [(result, ledger)], 1.0)
+    write_outputs(tmp_path, tiny_prep, [(result, ledger)])
     with open(tmp_path / "rounds.csv", encoding="utf-8") as f:
         first = next(csv.DictReader(f))
     values = result.rounds[0].persistent_acc

@@ -109,6 +109,9 @@ def test_compare_resumes_without_rerunning_finished_methods(tmp_path, monkeypatc
     assert fedslip(out, ["compare", "--methods", "fedavg,fedslip"], resume=True)[0] == 0
     assert trained == ["fedslip", "fedslip"]  # fedavg came back from its checkpoint; fedslip redid rounds 2, 3
     assert_same_outputs(out, whole, ["fedavg", "fedslip"])
+    doc = json.loads((out / "results.json").read_text())  # the run's wall time: both processes' work
+    assert doc["wall_time_s"] == sum(m["wall_time_s"] for m in doc["methods"].values())
+    assert doc["methods"]["fedavg"]["wall_time_s"] == finished["wall_time_s"]
 
 
 def test_resume_refuses_another_config_a_missing_or_a_corrupt_checkpoint(tmp_path, capsys):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -100,7 +99,6 @@ def _compare(args, cfg, methods: list[str], out: Path, console, progress):
     from fedslip.methods import method_for
     from fedslip.prepare import prepare
 
-    start = time.perf_counter()
     if args.resume:  # an `auto` precision goes on as the checkpoint resolved it
         kept = checkpoint.kept_precision([checkpoint.path_for(out, m) for m in methods], cfg.train.precision)
         cfg = replace(cfg, train=replace(cfg.train, **kept))
@@ -115,7 +113,7 @@ def _compare(args, cfg, methods: list[str], out: Path, console, progress):
     runs = []
     for method in chosen:  # the outputs after each method: a long comparison shows what is done as it goes
         runs.append(Simulation(prep, method, progress).run(paths[method.name], args.resume))
-        write_outputs(out, prep, runs, time.perf_counter() - start)
+        write_outputs(out, prep, runs)
         to_come = methods[len(runs):]
         console.print(f"wrote {out}/: results.json rounds.csv clients.csv ledger.csv comparison.md comparison.csv "
                       f"figure.png ({', '.join(r.method for r, _ in runs)}"

@@ -82,7 +82,9 @@ def write_dicts(rows: list[dict], path: Path) -> None:
             w.writerow({k: "" if v is None else v for k, v in row.items()})
 
 
-def write_outputs(out: Path, prep: Prepared, runs: list[tuple[MethodResult, Ledger]], wall_time_s: float) -> None:
+def write_outputs(out: Path, prep: Prepared, runs: list[tuple[MethodResult, Ledger]]) -> None:
+    """Every output file, written whole or not at all. The top-level wall time is the methods' summed (a
+    resumed method's counts every process that trained it)."""
     results = [r for r, _ in runs]
     with staged(out) as stage:
         doc = {
@@ -93,7 +95,7 @@ def write_outputs(out: Path, prep: Prepared, runs: list[tuple[MethodResult, Ledg
             "backbone": {"name": prep.backbone.name, "source": prep.backbone.source},
             "placement": prep.backbone.placement.info,
             "clients": prep.clients,
-            "wall_time_s": wall_time_s,
+            "wall_time_s": sum(r.wall_time_s for r in results),
             "methods": {r.method: {"final": r.final, "wall_time_s": r.wall_time_s,
                                    "clients": [asdict(c) for c in r.clients]} for r in results},
         }

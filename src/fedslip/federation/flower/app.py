@@ -27,7 +27,6 @@ carries the upload ("arrays"), the training metrics ("metrics") and the scores (
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 from flwr.app import Context, Message
@@ -73,7 +72,6 @@ def client_evaluate(msg: Message, context: Context) -> Message:
 
 @server_app.main()
 def server_main(grid: Grid, context: Context) -> None:
-    start = time.perf_counter()
     cfg = config_from_run(context.run_config)
     out = Path(str({**RUN_DEFAULTS, **dict(context.run_config)}["out"])).expanduser().resolve()
     server = FlowerServer(grid, cfg, context.run_config)
@@ -83,6 +81,6 @@ def server_main(grid: Grid, context: Context) -> None:
              cfg.method.name, server.n_clients, server.transport.min_available, server.method.rounds(),
              getattr(server.aggregation, "name", "method"), out)
     result, _ = server.run(path_for(out, cfg.method.name), resume)
-    server.write(out, result, time.perf_counter() - start, type(grid).__name__, int(context.run_id))
+    server.write(out, result, type(grid).__name__, int(context.run_id))
     log.info("fedslip: wrote %s (global acc %s, %.3f MiB in total)", out, result.final.get("global_acc"),
              result.final.get("mib_total"))

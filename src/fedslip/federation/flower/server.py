@@ -18,6 +18,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedslip.atomic import atomic_file
 from fedslip.errors import UserError
 from fedslip.federation.exchange import TRAIN, Reply, Request
 from fedslip.federation.flower.client import INFO, NO_STATE, content_answer, request_message, upload_of
@@ -192,24 +193,25 @@ class FlowerServer(RoundProtocol):
     def failures(self) -> list[dict]:
         return self.transport.failures
 
-    def write(self, out: Path, result, wall_time_s: float, runtime: str, run_id: int) -> None:
+    def write(self, out: Path, result, runtime: str, run_id: int) -> None:
         from fedslip.evaluation.outputs import write_outputs
 
-        write_outputs(out, self.prep, [(result, self.ledger)], wall_time_s)
+        write_outputs(out, self.prep, [(result, self.ledger)])
         write_wire_csv(self.wire, out / "wire.csv")
         strategy = getattr(self.aggregation, "name", "method")
         info = {"runtime": runtime, "run_id": run_id, "strategy": strategy,
                 "min_available": self.transport.min_available,
                 "partitions": {str(k): v for k, v in sorted(self.transport.partition_node.items())},
                 "failures": self.failures}
-        (out / "flower.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        with atomic_file(out / "flower.json", encoding="utf-8") as f:
+            f.write(json.dumps(info, indent=2) + "\n")
 
 
 WIRE_FIELDS = ["round", "kind", "direction", "partition", "payload_bytes", "flower_bytes", "n_tensors", "error"]
 
 
 def write_wire_csv(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with atomic_file(path, newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=WIRE_FIELDS, extrasaction="ignore")
         w.writeheader()
         for row in rows:
