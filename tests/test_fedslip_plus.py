@@ -3,6 +3,7 @@ without rewinding), a cosine schedule for the private learning rate."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fedslip.federation.inprocess import Simulation
@@ -217,3 +218,26 @@ def test_rewind_without_a_dense_warmup_is_a_config_error():
         load_config(None, "quick", "fedslip", ["method.private_rewind=true"])
     with pytest.raises(UserError, match="private_lr_schedule"):
         load_config(None, "quick", "fedslip", ['method.private_lr_schedule="step"'])
+
+
+@pytest.mark.parametrize("method,extra,says", [
+    ("fedslip", {}, "the private track never trains"),
+    ("fedslip-plus", {}, "the private track never trains"),
+    ("dualtrack-naive", {"private_warmup": "dense"}, "never pruned to method.sparsity"),
+    ("fedslip", {"private_warmup": "dense"}, "never pruned to method.sparsity")])
+def test_a_warmup_as_long_as_the_run_is_one_warning_before_it_starts(method, extra, says, tmp_path, capsys):
+    from fedslip.cli import main
+    from fedslip.methods import method_for
+
+    from test_cli import sets
+
+    for warmup, warned in ((2, True), (1, False)):  # 2 rounds (the tiny sets)
+        cfg = tiny_config(method, method={"warmup_rounds": warmup, **extra}, train={"rounds": 2})
+        assert any(says in w for w in method_for(cfg).setting_warnings()) == warned
+    assert method_for(tiny_config("dualtrack-naive", method={"warmup_rounds": 2})).setting_warnings() == []
+    dense = [f"method.private_warmup=\"{extra['private_warmup']}\""] if extra else []
+    out = tmp_path / "run"
+    assert main(["run", "--method", method, "--quiet", "--out", str(out),
+                 *sets(["method.warmup_rounds=2", "train.rounds=2", *dense])]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if says in line]
+    assert len(warnings) == 1 and warnings[0].startswith(f"fedslip: warning: {method}: method.warmup_rounds = 2")

@@ -95,7 +95,7 @@ def _compare(args, cfg, methods: list[str], out: Path, console, progress):
     from fedslip.evaluation.outputs import write_outputs
     from fedslip.federation import checkpoint
     from fedslip.federation.inprocess import Simulation, check_failures
-    from fedslip.federation.protocol import check_strategies
+    from fedslip.federation.protocol import check_strategies, warn_settings
     from fedslip.methods import method_for
     from fedslip.prepare import prepare
 
@@ -105,6 +105,7 @@ def _compare(args, cfg, methods: list[str], out: Path, console, progress):
     chosen = [method_for(replace(cfg, method=replace(cfg.method, name=name))) for name in methods]
     check_failures(chosen)  # before the data and the backbone load: one line, and nothing else
     check_strategies(chosen)
+    warn_settings(chosen)
     prep = prepare(cfg)
     console.print(f"data: {prep.data.description}; backbone: {prep.backbone.name} ({prep.backbone.source}); "
                   f"{len(prep.split.train)} clients, training on {[len(s) for s in prep.split.train]} examples")

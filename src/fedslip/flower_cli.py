@@ -55,6 +55,8 @@ def _prepare_run(args, default_out: str):
     from fedslip.errors import UserError
     from fedslip.federation import checkpoint
     from fedslip.federation.flower.deploy import run_config_for
+    from fedslip.federation.protocol import warn_settings
+    from fedslip.methods import method_for
 
     try:
         from flwr.common.logger import update_console_handler
@@ -73,6 +75,7 @@ def _prepare_run(args, default_out: str):
         raise UserError("--resume needs --workdir: the folder of the run it resumes, where its nodes keep "
                         "their private states")
     cfg = config_from_args(args, method)  # validated here: a bad config stops before anything starts
+    warn_settings([method_for(cfg)])
     out = out_dir(args, default_out.format(method=method))
     check_out(args, out)
     sets = list(args.sets)

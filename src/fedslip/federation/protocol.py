@@ -75,6 +75,13 @@ def check_strategies(methods: list[Method]) -> None:
         strategy_aggregation(m)
 
 
+def warn_settings(methods: list[Method]) -> None:
+    """One warning line per setting a method would run with but surely not as meant."""
+    for m in methods:
+        for line in m.setting_warnings():
+            warn(line)
+
+
 class RoundProtocol:
     def __init__(self, prep: Prepared, method: Method, model: AdaptedModel, transport: Transport, progress=None):
         self.prep, self.method, self.model, self.transport = prep, method, model, transport

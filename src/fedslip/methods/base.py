@@ -117,6 +117,10 @@ class Method:
     def rounds(self) -> int:
         return self.t.rounds
 
+    def setting_warnings(self) -> list[str]:
+        """Settings that are valid but almost certainly not what the user meant (printed once, before a run)."""
+        return []
+
     def checks_update_norm(self, glob: Tensors) -> bool:
         """Whether this round's uploads are model values or changes, so that `train.max_update_norm` applies."""
         return True

@@ -78,6 +78,13 @@ class DualTrack(Method):
     def dense_warmup(self) -> bool:
         return self.m.private_warmup == "dense" and self.m.warmup_rounds > 0
 
+    def setting_warnings(self) -> list[str]:
+        if self.dense_warmup() and self.m.warmup_rounds >= self.rounds():
+            return [f"{self.name}: method.warmup_rounds = {self.m.warmup_rounds} with a dense private warmup and "
+                    f"{self.rounds()} rounds: the private track is never pruned to method.sparsity = "
+                    f"{self.m.sparsity} (lower method.warmup_rounds)"]
+        return []
+
     def masks(self, model: AdaptedModel, private, cid: int, dense: bool = False):
         if dense:
             return {f"{n}_mask": torch.ones_like(private[n]) for n in model.private_names}
@@ -182,6 +189,13 @@ class FedSLIP(DualTrack):
         if p_losses:
             metrics["private_loss"] = mean(p_losses)
         return model.read(self.shared_names(model)), client, metrics
+
+    def setting_warnings(self) -> list[str]:
+        if not self.dense_warmup() and self.m.warmup_rounds >= self.rounds():
+            return [f"{self.name}: method.warmup_rounds = {self.m.warmup_rounds} with {self.rounds()} rounds: the "
+                    "private track never trains (every round is warmup), so personalization is off "
+                    "(lower method.warmup_rounds)"]
+        return super().setting_warnings()
 
     def private_steps(self, rnd: int) -> bool:
         """Whether round `rnd`'s batches take a private step after the global one."""
