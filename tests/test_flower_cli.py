@@ -84,3 +84,21 @@ def test_relative_data_paths_reach_the_nodes_absolute(tmp_path, monkeypatch):
     _, rc, _ = _prepare_run(args, "runs/x")
     assert f'data.train_file="{tmp_path / "data" / "train.csv"}"' in rc["overrides"]
     assert f'data.data_dir="{tmp_path / "ag"}"' in rc["overrides"]
+
+
+def test_an_auto_precision_is_resolved_once_for_the_server_and_every_node(tmp_path, monkeypatch):
+    from fedslip.flower_cli import _prepare_run
+    from fedslip.model import placement
+
+    probes = []
+
+    def probe(device):
+        probes.append(device)
+        return {"bf16_speedup": 9.0 if len(probes) == 1 else 0.1}  # a second probe would choose otherwise
+
+    monkeypatch.setattr(placement, "probe", probe)
+    args = parser().parse_args(["flower", "--out", str(tmp_path / "out"), *sets(['train.precision="auto"'])])
+    _, rc, _ = _prepare_run(args, "runs/x")
+    assert rc["overrides"].endswith('train.precision="bf16"') and len(probes) == 1
+    args = parser().parse_args(["flower", "--out", str(tmp_path / "out"), *sets(['train.precision="fp32"'])])
+    assert "bf16" not in _prepare_run(args, "runs/x")[1]["overrides"] and len(probes) == 1  # named: no probe

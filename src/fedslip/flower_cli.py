@@ -83,12 +83,23 @@ def _prepare_run(args, default_out: str):
         value = getattr(cfg.data, key)
         if value:
             sets.append(f"data.{key}={toml_str(str(Path(value).expanduser().resolve()))}")
-    if args.resume:  # an `auto` precision goes on as the checkpoint resolved it, on every node
-        kept = checkpoint.kept_precision([checkpoint.path_for(out, method)], cfg.train.precision)
-        sets += [f"train.{key}={toml_str(value)}" for key, value in kept.items()]
+    if cfg.train.precision == "auto":  # resolved once, here, for the server and every node alike
+        sets.append(f"train.precision={toml_str(run_precision(cfg, out, method, args.resume))}")
     rc = run_config_for(args.preset, method, args.config, sets, out, getattr(args, "min_available", 0))
     rc["resume"] = bool(args.resume)
     return cfg, rc, out
+
+
+def run_precision(cfg, out: Path, method: str, resume: bool) -> str:
+    """What `auto` is for the whole run: a resumed run's checkpoint's, else this machine's probe. Left to
+    each process, the server and every node would probe on their own (a ClientApp in its own process: for
+    every message) and, near the probe's margin, could train one run in two precisions. All of `fedslip
+    flower`'s and `fedslip deploy`'s processes run on this machine."""
+    from fedslip.federation import checkpoint
+    from fedslip.model.placement import resolve
+
+    kept = checkpoint.kept_precision([checkpoint.path_for(out, method)], "auto") if resume else {}
+    return kept.get("precision") or resolve(cfg.train.device, "auto").info["precision"]
 
 
 def _workdir(args) -> Path:
