@@ -24,6 +24,16 @@ def test_the_digest_follows_the_weights_not_the_object():
     with torch.no_grad():
         p.view(-1)[0] = torch.nextafter(p.view(-1)[0], torch.tensor(float("inf")))  # one ulp, one weight
     assert weights_digest(b.model) != a.digest
+    c = load_backbone("tiny-random:bert", 3, seed=0).model
+    assert weights_digest(c.double()) == a.digest  # another float dtype, the same values
+    c.config.layer_norm_eps = 1e-5
+    assert weights_digest(c) != a.digest  # the same weights, another config
+    d = load_backbone("tiny-random:bert", 3, seed=0).model
+    with torch.no_grad():
+        d.classifier.weight.add_(1.0)
+    head = ("classifier.weight", "classifier.bias")
+    assert weights_digest(d, head) == weights_digest(load_backbone("tiny-random:bert", 3, seed=0).model, head)
+    assert weights_digest(d) != a.digest  # drawn from the seed: left out only when named fresh
 
 
 def fp(backbone: str, digest: str | None, transformers: str | None = "5.0"):
@@ -49,25 +59,28 @@ def test_comparing_fingerprints():
 
 def other_weights(monkeypatch):
     real = backbone_module.weights_digest
-    monkeypatch.setattr(backbone_module, "weights_digest", lambda model: "0" * 8 + real(model)[8:])
+    monkeypatch.setattr(backbone_module, "weights_digest", lambda *a: "0" * 8 + real(*a)[8:])
 
 
-def test_resume_and_export_refuse_other_backbone_weights(tmp_path, capsys, monkeypatch):
-    out = tmp_path / "run"
+def test_resume_export_and_predict_refuse_another_backbone(tmp_path, capsys, monkeypatch):
+    out, exported = tmp_path / "run", tmp_path / "exp"
     args = ["run", "--method", "fedavg", "--quiet", "--out", str(out), *sets(["train.rounds=1"])]
     assert main(args) == 0
     saved = copy.deepcopy((out / "rounds.csv").read_bytes())
     assert main([*args, "--resume"]) == 0  # the same weights: resumes (nothing left to train)
+    assert main(["export", str(out), "--global", "--out", str(exported)]) == 0
+    assert main(["predict", str(exported), "--text", "kaba zuto"]) == 0
     capsys.readouterr()
     other_weights(monkeypatch)
     assert main([*args, "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.endswith("belongs to another run: backbone: 'tiny-random:bert' holds other weights than the run "
-                        "trained on")
+    assert err.endswith("belongs to another run: backbone: 'tiny-random:bert' is not the model the run trained "
+                        "on (other weights or config)")
     assert (out / "rounds.csv").read_bytes() == saved
-    assert main(["export", str(out), "--global", "--out", str(tmp_path / "exp")]) == 2
+    assert main(["export", str(out), "--global", "--out", str(tmp_path / "exp2")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "holds other weights than the run trained on" in err[0]
-    assert not (tmp_path / "exp").exists()
-    monkeypatch.undo()
-    assert main(["export", str(out), "--global", "--out", str(tmp_path / "exp")]) == 0
+    assert len(err) == 1 and "is not the model the run trained on (other weights or config)" in err[0]
+    assert not (tmp_path / "exp2").exists()
+    assert main(["predict", str(exported), "--text", "kaba zuto"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"is not the model {exported} was exported from" in err[0]

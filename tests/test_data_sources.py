@@ -288,6 +288,12 @@ def test_hf_config_and_test_split(monkeypatch):
     assert asked[-1] == ("nyu-mll/glue", "sst2")
     load_data(DataConfig(source="hf", hf_name="x/y", text_columns=["sentence"], hf_test_split="validation"))
     assert asked[-1] == ("x/y",)  # no config: none passed
+    plain = datasets.DatasetDict({n: datasets.Dataset.from_dict({"sentence": ["a", "b", "c", "d"][:len(labels)],
+                                                                  "label": labels})
+                                  for n, labels in (("train", [0, 1, 0, 1]), ("test", [-1, -1]))})
+    monkeypatch.setattr(sources.datasets, "load_dataset", lambda *a, **k: plain)  # int labels, no ClassLabel
+    with pytest.raises(UserError, match=r"\(test\): every label is -1.*data.hf_test_split"):
+        load_data(cfg)
 
 
 def test_ag_news_from_fake_hub(monkeypatch):

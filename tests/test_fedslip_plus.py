@@ -241,3 +241,13 @@ def test_a_warmup_as_long_as_the_run_is_one_warning_before_it_starts(method, ext
                  *sets(["method.warmup_rounds=2", "train.rounds=2", *dense])]) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if says in line]
     assert len(warnings) == 1 and warnings[0].startswith(f"fedslip: warning: {method}: method.warmup_rounds = 2")
+
+
+def test_the_warmup_warning_is_said_once_over_several_seeds(tmp_path, capsys):
+    from fedslip.cli import main
+
+    from test_cli import sets
+
+    assert main(["compare", "--methods", "fedavg,fedslip", "--seeds", "0,1", "--quiet", "--out", str(tmp_path / "r"),
+                 *sets(["method.warmup_rounds=1", "train.rounds=1"])]) == 0
+    assert sum("the private track never trains" in line for line in capsys.readouterr().err.splitlines()) == 1

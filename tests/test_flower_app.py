@@ -204,6 +204,37 @@ def test_nodes_that_cannot_take_part_are_named_once_and_superseded_ones_not_aske
     assert old not in asked and transport.partition_node[1] != old
 
 
+def test_a_node_whose_backbone_is_not_the_servers_takes_no_part(tiny_prep):
+    """Every node loads the model by its own path (a multi-machine deployment): one that holds other weights
+    or another config would train adapters for another model. The server names it and leaves it out."""
+    from fedslip.federation.flower.app import client_app
+    from fedslip.federation.flower.client import INFO
+    from fedslip.federation.flower.local_grid import LocalGrid
+    from fedslip.federation.flower.runtime import runtime_for
+    from fedslip.federation.flower.server import FlowerTransport
+
+    rc = run_config("fedavg")
+    rt = runtime_for(config_from_run(rc), dataclasses.replace(tiny_prep, cfg=config_from_run(rc)))
+
+    def alter(partition, msg, reply):
+        if partition == 2 and msg.metadata.message_type == "query":
+            reply.content[INFO]["backbone-digest"] = "0" * 32
+        return reply
+
+    grid = LocalGrid(client_app, [{"partition-id": k, "num-partitions": 4} for k in range(4)], rc, alter=alter)
+    transport = FlowerTransport(grid, 4, 4, 1.5)
+    transport.backbone_digest = rt.prep.backbone.digest
+    with pytest.raises(UserError, match=r"only 3 of the 4 required clients.*partitions \[0, 1, 3\]\); node \d+: "
+                                        r"partition 2: its backbone is not the server's \(other weights or config\)"):
+        transport.refresh_nodes(4, 1.5)
+    transport.refresh_nodes(3, 1.5)  # the others take part
+    assert sorted(transport.partition_node) == [0, 1, 3]
+    fine = FlowerTransport(grid, 4, 4, 1.5)
+    fine.backbone_digest = "0" * 32  # a server holding that model: partition 2 is the one that fits
+    fine.refresh_nodes(1, 1.5)
+    assert list(fine.partition_node) == [2]
+
+
 def test_overrides_split_only_outside_toml_strings(tmp_path):
     """A label name or a path may hold ';': the run config's overrides are cut at ';' and newlines only
     outside strings, and every value arrives as the fedslip command line gave it."""

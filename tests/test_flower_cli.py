@@ -57,7 +57,7 @@ def test_failed_run_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(deploy_module, "deploy", failing)
     args = parser().parse_args(["deploy", "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work"),
-                                *sets(["train.rounds=1"])])
+                                *sets()])
     assert args.flower_handler(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "finished:failed" in err[0] and "Traceback" not in err[0]
@@ -97,7 +97,7 @@ def test_an_auto_precision_is_resolved_once_for_the_server_and_every_node(tmp_pa
         return {"bf16_speedup": 9.0 if len(probes) == 1 else 0.1}  # a second probe would choose otherwise
 
     monkeypatch.setattr(placement, "probe", probe)
-    args = parser().parse_args(["flower", "--out", str(tmp_path / "out"), *sets(['train.precision="auto"'])])
+    args = parser().parse_args(["flower", "--out", str(tmp_path / "out"), *sets(['train.precision="auto"', 'train.device="cpu"'])])
     _, rc, _ = _prepare_run(args, "runs/x")
     assert rc["overrides"].endswith('train.precision="bf16"') and len(probes) == 1
     args = parser().parse_args(["flower", "--out", str(tmp_path / "out"), *sets(['train.precision="fp32"'])])

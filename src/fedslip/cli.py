@@ -76,9 +76,12 @@ def _seeds(args, cfg, methods: list[str], folders: dict[int, Path], seeds: list[
     from rich.console import Console
 
     from fedslip.evaluation.tables import comparison_rows
+    from fedslip.federation.protocol import warn_settings
+    from fedslip.methods import method_for
     from fedslip.progress import for_terminal
 
     console = Console(stderr=True)
+    warn_settings([method_for(replace(cfg, method=replace(cfg.method, name=name))) for name in methods])  # once
     per_seed = {}
     with for_terminal(args.quiet) as progress:
         for seed, folder in folders.items():
@@ -95,7 +98,7 @@ def _compare(args, cfg, methods: list[str], out: Path, console, progress):
     from fedslip.evaluation.outputs import write_outputs
     from fedslip.federation import checkpoint
     from fedslip.federation.inprocess import Simulation, check_failures
-    from fedslip.federation.protocol import check_strategies, warn_settings
+    from fedslip.federation.protocol import check_strategies
     from fedslip.methods import method_for
     from fedslip.prepare import prepare
 
@@ -105,7 +108,6 @@ def _compare(args, cfg, methods: list[str], out: Path, console, progress):
     chosen = [method_for(replace(cfg, method=replace(cfg.method, name=name))) for name in methods]
     check_failures(chosen)  # before the data and the backbone load: one line, and nothing else
     check_strategies(chosen)
-    warn_settings(chosen)
     prep = prepare(cfg)
     console.print(f"data: {prep.data.description}; backbone: {prep.backbone.name} ({prep.backbone.source}); "
                   f"{len(prep.split.train)} clients, training on {[len(s) for s in prep.split.train]} examples")

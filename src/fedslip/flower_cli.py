@@ -84,13 +84,15 @@ def _prepare_run(args, default_out: str):
         if value:
             sets.append(f"data.{key}={toml_str(str(Path(value).expanduser().resolve()))}")
     if cfg.train.precision == "auto":  # resolved once, here, for the server and every node alike
-        sets.append(f"train.precision={toml_str(run_precision(cfg, out, method, args.resume))}")
+        gpu_less = getattr(args, "runtime", "") == "simulation" and args.gpus == 0  # Ray hides the GPUs from them
+        device = "cpu" if gpu_less and cfg.train.device == "auto" else cfg.train.device
+        sets.append(f"train.precision={toml_str(run_precision(device, out, method, args.resume))}")
     rc = run_config_for(args.preset, method, args.config, sets, out, getattr(args, "min_available", 0))
     rc["resume"] = bool(args.resume)
     return cfg, rc, out
 
 
-def run_precision(cfg, out: Path, method: str, resume: bool) -> str:
+def run_precision(device: str, out: Path, method: str, resume: bool) -> str:
     """What `auto` is for the whole run: a resumed run's checkpoint's, else this machine's probe. Left to
     each process, the server and every node would probe on their own (a ClientApp in its own process: for
     every message) and, near the probe's margin, could train one run in two precisions. All of `fedslip
@@ -99,7 +101,7 @@ def run_precision(cfg, out: Path, method: str, resume: bool) -> str:
     from fedslip.model.placement import resolve
 
     kept = checkpoint.kept_precision([checkpoint.path_for(out, method)], "auto") if resume else {}
-    return kept.get("precision") or resolve(cfg.train.device, "auto").info["precision"]
+    return kept.get("precision") or resolve(device, "auto").info["precision"]
 
 
 def _workdir(args) -> Path:

@@ -466,7 +466,7 @@ def _load_hub(cfg: DataConfig) -> TextData:
 
     train_texts, train_raw, _ = columns(dd["train"], "train")
     test_texts, test_raw, test_rows = columns(dd[test_split], test_split) if test_split else ([], [], [])
-    if class_names and test_raw and all(_as_int(v) == -1 for v in test_raw):
+    if test_raw and all(_as_int(v) == -1 for v in test_raw):
         raise UserError(f"hub dataset {name} ({test_split}): every label is -1, an unlabeled split (as GLUE's "
                         "test splits are): set data.hf_test_split to a labeled split (\"validation\"), or to "
                         "\"\" to hold out data.test_fraction of train")

@@ -12,7 +12,7 @@ import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -82,9 +82,11 @@ def write_dicts(rows: list[dict], path: Path) -> None:
             w.writerow({k: "" if v is None else v for k, v in row.items()})
 
 
-def write_outputs(out: Path, prep: Prepared, runs: list[tuple[MethodResult, Ledger]]) -> None:
-    """Every output file, written whole or not at all. The top-level wall time is the methods' summed (a
-    resumed method's counts every process that trained it)."""
+def write_outputs(out: Path, prep: Prepared, runs: list[tuple[MethodResult, Ledger]],
+                  more: Callable[[Path], None] | None = None) -> None:
+    """Every output file, written whole or not at all, and `more(folder)`'s files with them (a runtime's
+    own). The top-level wall time is the methods' summed (a resumed method's counts every process that
+    trained it)."""
     results = [r for r, _ in runs]
     with staged(out) as stage:
         doc = {
@@ -107,6 +109,8 @@ def write_outputs(out: Path, prep: Prepared, runs: list[tuple[MethodResult, Ledg
         (stage / "comparison.md").write_text(with_goal(to_markdown(rows), goal_rows(rows)), encoding="utf-8")
         to_csv(rows, stage / "comparison.csv")
         plot_results(results, stage / "figure.png", title=_title(prep))
+        if more is not None:
+            more(stage)
 
 
 def with_goal(table: str, goals: list[dict]) -> str:

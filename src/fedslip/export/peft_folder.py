@@ -176,6 +176,7 @@ def export(view: TrainedView, out: Path) -> dict:
         check_layers(view, loaded)
         gap = check_logits(view, loaded)
         meta = {"format": 1, "backbone": base_name(view.cfg.model.backbone), "backbone_seed": view.cfg.train.seed,
+                "backbone_digest": view.backbone.digest,
                 "num_labels": len(view.label_names), "label_names": view.label_names,
                 "max_length": view.cfg.model.max_length, "text_columns": view.cfg.data.text_columns,
                 "method": view.method.name, "client": view.client, "mode": view.mode, "rank": rank,

@@ -105,8 +105,13 @@ def load_view(run_dir: Path, client: int | None, method: str | None = None,
     backbone = load_backbone(cfg.model.backbone, len(names), cfg.train.seed, cfg.model.backbone_dropout)
     trained_on = meta["fingerprint"].get("backbone")  # absent from checkpoints made before it was recorded
     if trained_on is not None and backbone.digest != trained_on:
-        raise UserError(f"backbone {cfg.model.backbone!r} ({backbone.source}) holds other weights than the run "
-                        "trained on: its adapters would be applied to another model")
+        import transformers
+
+        then = meta["fingerprint"].get("transformers")
+        why = (f"; the run loaded it with transformers {then}, this is {transformers.__version__}"
+               if then and then != transformers.__version__ else "")
+        raise UserError(f"backbone {cfg.model.backbone!r} ({backbone.source}) is not the model the run trained on "
+                        f"(other weights or config{why}): its adapters would be applied to another model")
     model = m.build(backbone)
     if client is None:
         view, mode = global_view(m, model, glob), "global"

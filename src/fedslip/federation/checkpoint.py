@@ -198,7 +198,7 @@ def check(path: Path, prep, method: str) -> None:
     """One clear line when the checkpoint at `path` is not this run's."""
     saved, now = comparable(read_meta(path)["fingerprint"], fingerprint(prep, method))
     diff = differences(saved, now, defaults={"config": Config().to_dict()})
-    diff = [f"backbone: {prep.cfg.model.backbone!r} holds other weights than the run trained on"
+    diff = [f"backbone: {prep.cfg.model.backbone!r} is not the model the run trained on (other weights or config)"
             if d.startswith("backbone:") else d for d in diff]
     if diff:
         raise UserError(f"checkpoint {path} belongs to another run: {'; '.join(diff[:3])}")

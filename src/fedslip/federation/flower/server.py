@@ -18,7 +18,6 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedslip.atomic import atomic_file
 from fedslip.errors import UserError
 from fedslip.federation.exchange import TRAIN, Reply, Request
 from fedslip.federation.flower.client import INFO, NO_STATE, content_answer, request_message, upload_of
@@ -47,7 +46,8 @@ class FlowerTransport:
         # one it saved then (a node that trained a round it was counted as failed in goes back to it)
         self.state_rounds: dict[int, int] | None = {}  # None: resumed from a checkpoint made before they were kept
         self.superseded: set[int] = set()  # nodes whose partition a newer node took: never asked again
-        self.refused: dict[int, tuple[str, float]] = {}  # node -> (why it could not say its partition, when)
+        self.refused: dict[int, tuple[str, float]] = {}  # node -> (why it takes no part, when it said so)
+        self.backbone_digest: str | None = None  # the server's model; a node whose model differs takes no part
 
     def checkpoint_meta(self) -> dict:
         rounds = None if self.state_rounds is None else {str(k): v for k, v in self.state_rounds.items()}
@@ -142,16 +142,19 @@ class FlowerTransport:
                                 f"after {timeout:.0f} s (partitions {sorted(self.partition_node)}){why}")
             time.sleep(1.0)
 
+    def refuse(self, node: int, reason: str) -> None:
+        """The node takes no part (said once per reason); it is asked again after REASK seconds."""
+        if self.refused.get(node, ("",))[0] != reason:
+            log.warning("node %d cannot take part: %s", node, reason)
+        self.refused[node] = (reason, time.monotonic())
+
     def _ask_partitions(self, nodes: list[int]) -> None:
         ask = [Message(RecordDict({CONFIG: ConfigRecord({"server-round": 0})}), n, MessageType.QUERY) for n in nodes]
         for r in self.grid.send_and_receive(ask, timeout=self.timeout):
             if r.has_error():  # e.g. a SuperNode started without its partition-id: said once, not asked again
                 reason = r.error.reason.strip().splitlines()[-1] if r.error.reason.strip() else "error reply"
-                node = r.metadata.src_node_id
-                if node in nodes:
-                    if self.refused.get(node, ("",))[0] != reason:
-                        log.warning("node %d cannot take part: %s", node, reason)
-                    self.refused[node] = (reason, time.monotonic())
+                if r.metadata.src_node_id in nodes:
+                    self.refuse(r.metadata.src_node_id, reason)
                 continue
             info = r.content[INFO]
             pid, n_parts = int(info["partition-id"]), int(info["num-partitions"])
@@ -159,6 +162,11 @@ class FlowerTransport:
                 raise UserError(f"node {r.metadata.src_node_id} has partition-id={pid} num-partitions="
                                 f"{n_parts}; this run has partition.n_clients={self.n_clients}")
             node = r.metadata.src_node_id
+            theirs = info.get("backbone-digest")  # absent from nodes of versions before it was sent
+            if theirs is not None and self.backbone_digest is not None and theirs != self.backbone_digest:
+                self.refuse(node, f"partition {pid}: its backbone is not the server's (other weights or config); "
+                                  "load the same model folder on every node")
+                continue
             self.refused.pop(node, None)
             old = self.partition_node.get(pid)
             if old is not None and old != node:  # a restarted node: the newest connection wins
@@ -177,6 +185,7 @@ class FlowerServer(RoundProtocol):
         rt = rt or runtime_for(cfg, server=bool(rc["node-data"]))
         transport = FlowerTransport(grid, rt.n_clients, int(rc["min-available"]) or rt.n_clients,
                                     float(rc["round-timeout"]))
+        transport.backbone_digest = rt.prep.backbone.digest
         super().__init__(rt.prep, rt.method, rt.model, transport)
         self.global_test_everywhere = bool(rc["node-data"])  # whichever nodes hold the global test file
 
@@ -194,24 +203,27 @@ class FlowerServer(RoundProtocol):
         return self.transport.failures
 
     def write(self, out: Path, result, runtime: str, run_id: int) -> None:
+        """The run's outputs, and with them (in the same staged move) wire.csv and flower.json."""
         from fedslip.evaluation.outputs import write_outputs
 
-        write_outputs(out, self.prep, [(result, self.ledger)])
-        write_wire_csv(self.wire, out / "wire.csv")
         strategy = getattr(self.aggregation, "name", "method")
         info = {"runtime": runtime, "run_id": run_id, "strategy": strategy,
                 "min_available": self.transport.min_available,
                 "partitions": {str(k): v for k, v in sorted(self.transport.partition_node.items())},
                 "failures": self.failures}
-        with atomic_file(out / "flower.json", encoding="utf-8") as f:
-            f.write(json.dumps(info, indent=2) + "\n")
+
+        def flower_files(folder: Path) -> None:
+            write_wire_csv(self.wire, folder / "wire.csv")
+            (folder / "flower.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+        write_outputs(out, self.prep, [(result, self.ledger)], flower_files)
 
 
 WIRE_FIELDS = ["round", "kind", "direction", "partition", "payload_bytes", "flower_bytes", "n_tensors", "error"]
 
 
 def write_wire_csv(rows: list[dict], path: Path) -> None:
-    with atomic_file(path, newline="", encoding="utf-8") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=WIRE_FIELDS, extrasaction="ignore")
         w.writeheader()
         for row in rows:
