@@ -203,12 +203,12 @@ def test_every_foldable_method_exports_exactly(others_run, prep, tmp_path, metho
     assert gap <= TOL and acc == ref.recorded_accuracy()
 
 
-def test_fedslip_with_its_own_head_exports_that_head(prep, tmp_path):
-    sets = [*SETS, "method.private_head=true", "method.private_base=\"received\""]
+def test_fedslip_plus_with_its_own_head_exports_that_head(prep, tmp_path):
+    sets = [*SETS, "method.private_head=true"]  # fedslip-plus: private steps on the received global track
     run = tmp_path / "run"
-    assert main(["run", "--method", "fedslip", "--quiet", "--out", str(run), *argv(sets)]) == 0
-    folder = export(run, tmp_path / "out", "--client", "2")
-    ref = Reference(prep, run, "fedslip", 2, sets)
+    assert main(["run", "--method", "fedslip-plus", "--quiet", "--out", str(run), *argv(sets)]) == 0
+    folder = export(run, tmp_path / "out", "--client", "2", method="fedslip-plus")
+    ref = Reference(prep, run, "fedslip-plus", 2, sets)
     gap, acc = compare(ref, peft_from(folder, prep))
     assert gap <= TOL and acc == ref.recorded_accuracy()
 

@@ -126,4 +126,10 @@ def data_description(prep: Prepared) -> str:
 def _title(prep: Prepared) -> str:
     p, t = prep.cfg.partition, prep.cfg.train
     return (f"{data_description(prep)} · {p.n_clients} clients ({p.scheme}) · {prep.backbone.name} · "
-            f"{t.rounds} rounds × {t.local_epochs} epochs · seed {t.seed}")
+            f"{t.rounds} rounds × {_local_budget(t)} · seed {t.seed}")
+
+
+def _local_budget(t) -> str:
+    if t.local_steps:
+        return f"{t.local_steps} steps"
+    return f"{t.local_epochs} epoch{'' if t.local_epochs == 1 else 's'}"

@@ -71,6 +71,7 @@ class Reply:
 
 
 class Transport(Protocol):
-    def exchange(self, requests: list[Request]) -> dict[int, Reply]:
-        """Deliver every request and return a Reply for each (failed ones included), by client id."""
+    def exchange(self, requests: list[Request], tick: Callable[[], None] = lambda: None) -> dict[int, Reply]:
+        """Deliver every request and return a Reply for each (failed ones included), by client id; `tick`
+        after each client's answer (progress)."""
         ...

@@ -6,7 +6,7 @@
 
 Run configuration (`[tool.flwr.app.config]`, overridable with `flwr run . --run-config 'key=value ...'`):
 
-    preset        "quick" | "paper" | ""           the fedslip preset to start from
+    preset        "quick" | "paper" | "reference" | ""   the fedslip preset to start from
     method        a method name                    (`fedslip methods`)
     config-file   path to a fedslip TOML config    ("" = none)
     overrides     "section.key=value; ..."          like `fedslip run --set`, separated by ';'
