@@ -235,6 +235,42 @@ def test_a_node_whose_backbone_is_not_the_servers_takes_no_part(tiny_prep):
     assert list(fine.partition_node) == [2]
 
 
+def test_a_refused_node_is_asked_again_after_a_while(tiny_prep, monkeypatch):
+    """Its operator may fix it (load the right model, restart it with its partition) without a new node id;
+    it is not asked every second meanwhile."""
+    from fedslip.federation.flower import server as server_module
+    from fedslip.federation.flower.app import client_app
+    from fedslip.federation.flower.client import INFO
+    from fedslip.federation.flower.local_grid import LocalGrid
+    from fedslip.federation.flower.runtime import runtime_for
+    from fedslip.federation.flower.server import FlowerTransport
+
+    rc = run_config("fedavg")
+    rt = runtime_for(config_from_run(rc), dataclasses.replace(tiny_prep, cfg=config_from_run(rc)))
+    fixed = []
+
+    def alter(partition, msg, reply):
+        if partition == 1 and msg.metadata.message_type == "query" and not fixed:
+            reply.content[INFO]["backbone-digest"] = "0" * 32
+        return reply
+
+    grid = LocalGrid(client_app, [{"partition-id": k, "num-partitions": 4} for k in range(4)], rc, alter=alter)
+    asked = []
+    real = grid.send_and_receive
+    grid.send_and_receive = lambda msgs, timeout=None: (asked.extend(m.metadata.dst_node_id for m in msgs)
+                                                        or real(msgs, timeout=timeout))
+    monkeypatch.setattr(server_module, "REASK", 2.0)
+    transport = FlowerTransport(grid, 4, 4, 1.5)
+    transport.backbone_digest = rt.prep.backbone.digest
+    with pytest.raises(UserError, match="only 3 of the 4"):
+        transport.refresh_nodes(4, 0.5)  # stops before REASK has passed: asked once
+    node = grid.node_of(1)
+    assert asked.count(node) == 1
+    fixed.append(True)
+    transport.refresh_nodes(4, 5.0)  # asked again once REASK has passed, and now it fits
+    assert transport.partition_node[1] == node and node not in transport.refused and asked.count(node) == 2
+
+
 def test_overrides_split_only_outside_toml_strings(tmp_path):
     """A label name or a path may hold ';': the run config's overrides are cut at ';' and newlines only
     outside strings, and every value arrives as the fedslip command line gave it."""
