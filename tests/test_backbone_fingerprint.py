@@ -52,6 +52,9 @@ def test_comparing_fingerprints():
     assert differences(*comparable(old, fp("/y/minilm", "w2")))[0].startswith("config.model.backbone:")
     assert differences(*comparable(fp("a", "w1", "4.57.0"), fp("a", "w1", "5.0"))) == \
         ["transformers: '4.57.0' in the checkpoint, '5.0' now"]
+    targets = [{**fp("a", "w1"), "targets": t} for t in (["query", "value"], ["q_lin", "v_lin"])]
+    assert differences(*comparable(*targets)) == ["targets: ['query', 'value'] in the checkpoint, ['q_lin', 'v_lin'] now"]
+    assert differences(*comparable(fp("a", "w1"), targets[1])) == []  # made before targets were recorded
     saved = fp("a", "w1")
     comparable(saved, fp("b", "w1"))
     assert saved == fp("a", "w1")  # the caller's dicts are left alone

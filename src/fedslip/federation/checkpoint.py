@@ -35,10 +35,12 @@ STATE_DIR = "state"
 def fingerprint(prep, method_name: str) -> dict[str, Any]:
     """What a run's numbers depend on; a resumed run must match it (`check`). "data" digests the token ids
     and labels the run uses, "backbone" the frozen weights as loaded, so the data's and the model's folders
-    need not match (a run may move machines); "transformers" is the library that runs the backbone."""
+    need not match (a run may move machines); "transformers" is the library that runs the backbone, and
+    "targets" the projections adapted (without `model.target_modules`, PEFT's mapping decides them)."""
     import transformers
 
     from fedslip import __version__
+    from fedslip.model.backbone import target_modules
 
     h = hashlib.sha256()
     for group in [*prep.split.train, *prep.split.test, prep.split.global_test]:
@@ -46,8 +48,10 @@ def fingerprint(prep, method_name: str) -> dict[str, Any]:
     info = prep.backbone.placement.info
     cfg = prep.cfg.to_dict()
     cfg["method"]["name"] = method_name
+    targets = prep.cfg.for_method(method_name).model.target_modules
     return {"format": FORMAT, "fedslip": __version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "config": cfg, "split": h.hexdigest()[:32],
+            "targets": sorted(target_modules(prep.backbone.model, targets)),
             "data": data_digest(prep), "backbone": prep.backbone.digest, "device": info.get("device", "cpu"),
             "precision": info.get("precision", "fp32")}
 
@@ -72,13 +76,14 @@ def comparable(saved: dict, now: dict) -> tuple[dict, dict]:
     out: the resolved "device" / "precision" are compared (an `auto` resolves as the checkpoint did, and
     naming what it resolved to is no change). The data's paths are left out where both sides digest the data
     (checkpoints made before the digest compare the paths, resolved), the backbone's name where both digest
-    its weights; what a checkpoint made before it was recorded lacks ("transformers") is not compared."""
+    its weights; what a checkpoint made before it was recorded lacks ("transformers", "targets") is not
+    compared."""
     saved, now = copy.deepcopy(saved), copy.deepcopy(now)
     by_content = saved.get("data") is not None and now.get("data") is not None
     if saved.get("backbone") is not None and now.get("backbone") is not None:
         for fp in (saved, now):
             fp.get("config", {}).get("model", {}).pop("backbone", None)
-    for key in ("backbone", "transformers"):
+    for key in ("backbone", "transformers", "targets"):
         if saved.get(key) is None:
             saved.pop(key, None)
             now.pop(key, None)
