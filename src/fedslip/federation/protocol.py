@@ -309,7 +309,8 @@ class RoundProtocol:
         self.glob = glob
         if clients is not None and here:
             self.transport.states[:] = clients
-            self.warn_other_compute(path, meta.get("compute"))
+            if not meta["finished"]:  # a finished run trains nothing more here
+                self.warn_other_compute(path, meta.get("compute"))
         self.ledger = ledger_from_json(self.method.name, meta["ledger"])
         rounds = rounds_from_json(meta["rounds"])
         self.pending = next((r for r in rounds if r.round == meta["pending"]), None)
