@@ -52,5 +52,6 @@ def test_resuming_on_other_hardware_or_threads_warns_once(tiny_prep, tmp_path, c
     assert moved.final == whole.final  # one thread count really: the same numbers
     assert len(err) == 1 and err[0].startswith("fedslip: warning: ") and "not be bit-identical" in err[0]
     assert f"threads {here['threads']} → {here['threads'] + 1}" in err[0]
+    monkeypatch.setattr(protocol, "compute_kind", compute_kind)  # back on the machine it started on
     again, _ = Simulation(tiny_prep, METHODS["fedavg"](cfg)).run(path, resume=True)  # finished: trains nothing
     assert again.final == whole.final and "warning" not in capsys.readouterr().err
