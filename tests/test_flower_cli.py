@@ -102,3 +102,14 @@ def test_an_auto_precision_is_resolved_once_for_the_server_and_every_node(tmp_pa
     assert rc["overrides"].endswith('train.precision="bf16"') and len(probes) == 1
     args = parser().parse_args(["flower", "--out", str(tmp_path / "out"), *sets(['train.precision="fp32"'])])
     assert "bf16" not in _prepare_run(args, "runs/x")[1]["overrides"] and len(probes) == 1  # named: no probe
+
+
+def test_the_warmup_warning_is_said_once_on_flower(tmp_path, capsys, caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="flwr")
+    args = parser().parse_args(["flower", "--runtime", "local", "--method", "fedslip", "--quiet", "--out",
+                                str(tmp_path / "out"), *sets(["train.rounds=1", "method.warmup_rounds=1"])])
+    assert args.flower_handler(args) == 0
+    said = capsys.readouterr().err + caplog.text
+    assert said.count("the private track never trains") == 1

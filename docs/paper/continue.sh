@@ -13,7 +13,7 @@ cd "$(dirname "$0")/../.."
 CODE=0eee8b0                                 # the code of every round since round 7; keep it for the study
 WORKTREE=${PAPER_WORKTREE:-$(cd .. && pwd)/paper-wt-$CODE}
 DATA=/work/shared/data/ag_news               # the fingerprint holds this exact path
-METHODS=fedslip-plus,fedavg,fedslip,dualtrack-naive,local
+METHODS=fedslip-plus,fedavg,fedslip,dualtrack-naive,local,fedprox,fedsa,fedsb  # the issue: then fedprox, fedsa, fedsb
 CARRY=docs/paper/carry/state RUN=runs/paper/state
 
 progress() {  # 2 x rounds + finished, of one checkpoint; 0 when absent

@@ -75,7 +75,8 @@ def _prepare_run(args, default_out: str):
         raise UserError("--resume needs --workdir: the folder of the run it resumes, where its nodes keep "
                         "their private states")
     cfg = config_from_args(args, method)  # validated here: a bad config stops before anything starts
-    warn_settings([method_for(cfg)])
+    if getattr(args, "runtime", "") != "local":  # elsewhere the ServerApp's log, which says it too, is a file
+        warn_settings([method_for(cfg)])
     out = out_dir(args, default_out.format(method=method))
     check_out(args, out)
     sets = list(args.sets)

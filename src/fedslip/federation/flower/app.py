@@ -80,6 +80,8 @@ def server_main(grid: Grid, context: Context) -> None:
     log.info("fedslip %s on Flower: %d partitions (min available %d), %d rounds, strategy %s; output %s",
              cfg.method.name, server.n_clients, server.transport.min_available, server.method.rounds(),
              getattr(server.aggregation, "name", "method"), out)
+    for line in server.method.setting_warnings():
+        log.warning("fedslip: %s", line)
     result, _ = server.run(path_for(out, cfg.method.name), resume)
     server.write(out, result, type(grid).__name__, int(context.run_id))
     log.info("fedslip: wrote %s (global acc %s, %.3f MiB in total)", out, result.final.get("global_acc"),
