@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fedslip.config import DataConfig
-from fedslip.data import sources
+from fedslip.data import hub_sources, rows, sources
 from fedslip.data.sources import load_data
 from fedslip.errors import UserError
 
@@ -101,6 +101,7 @@ def test_no_data_and_no_hub(monkeypatch):
 def test_hub_failure_is_user_error(monkeypatch):
     monkeypatch.delenv("FEDSLIP_DATA_DIR", raising=False)
     monkeypatch.setattr(sources, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(hub_sources, "hub_reachable", lambda timeout=3.0: True)
 
     def boom(*args, **kwargs):
         raise ConnectionError("offline\nsecond line")
@@ -238,6 +239,7 @@ def test_synthetic_learnable_but_not_trivial():
 def fake_hub(monkeypatch, dd) -> None:
     monkeypatch.delenv("FEDSLIP_DATA_DIR", raising=False)
     monkeypatch.setattr(sources, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(hub_sources, "hub_reachable", lambda timeout=3.0: True)
     monkeypatch.setattr(sources.datasets, "load_dataset", lambda name, *a, **k: dd)
 
 
@@ -293,6 +295,10 @@ def test_hf_config_and_test_split(monkeypatch):
                                   for n, labels in (("train", [0, 1, 0, 1]), ("test", [-1, -1]))})
     monkeypatch.setattr(sources.datasets, "load_dataset", lambda *a, **k: plain)  # int labels, no ClassLabel
     with pytest.raises(UserError, match=r"\(test\): every label is -1.*data.hf_test_split"):
+        load_data(cfg)
+    tiny = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"sentence": ["a", "b"], "label": [0, 1]})})
+    monkeypatch.setattr(sources.datasets, "load_dataset", lambda *a, **k: tiny)  # one row a class, no test split
+    with pytest.raises(UserError, match=r"\(train\): too few rows to hold out a test set; .*data.hf_test_split"):
         load_data(cfg)
 
 
@@ -482,7 +488,7 @@ def test_ag_news_empty_text_dropped(tmp_path, capsys):
 def test_an_empty_csv_file_says_so(tmp_path):
     (tmp_path / "train.csv").write_text("")
     with pytest.raises(UserError, match="empty file"):
-        sources.read_csv_rows(tmp_path / "train.csv", ["text", "label"])
+        rows.read_csv_rows(tmp_path / "train.csv", ["text", "label"])
 
 
 def test_one_non_integer_among_integer_labels_is_a_typo_not_a_class(tmp_path):

@@ -386,7 +386,7 @@ def test_predict_out_under_a_file_is_one_line(client_export, tmp_path, capsys):
 
 def test_predict_reads_json_values_as_training_does(client_export, tmp_path):
     """A JSON 0 or false is text ("0", "False"), a null or NaN is missing (""), as a run reads its data."""
-    from fedslip.data.sources import read_jsonl_rows, joined_text
+    from fedslip.data.rows import joined_text, read_jsonl_rows
     from fedslip.export.predict import read_texts
 
     data = tmp_path / "data.jsonl"

@@ -53,7 +53,6 @@ def add_commands(sub, common) -> None:
 def _prepare_run(args, default_out: str):
     from fedslip.cli_common import check_out, config_from_args, method_list, out_dir, toml_str
     from fedslip.errors import UserError
-    from fedslip.federation import checkpoint
     from fedslip.federation.flower.deploy import run_config_for
     from fedslip.federation.protocol import warn_settings
     from fedslip.methods import method_for

@@ -15,8 +15,9 @@ import numpy as np
 from fedslip.config import Config
 from fedslip.errors import UserError
 from fedslip.data.batching import Encoded
+from fedslip.data.rows import file_format
+from fedslip.data.sources import load_data
 from fedslip.data.split import Split, describe_split
-from fedslip.data.sources import file_format, load_data
 from fedslip.data.text import TextData
 from fedslip.model.backbone import Backbone, load_backbone
 from fedslip.model.placement import resolve

@@ -20,7 +20,7 @@ import torch
 
 from fedslip.atomic import atomic_file
 from fedslip.data.batching import Encoded
-from fedslip.data.sources import joined_text, read_csv_rows, read_jsonl_rows
+from fedslip.data.rows import joined_text, read_csv_rows, read_jsonl_rows
 from fedslip.errors import UserError
 from fedslip.export.peft_folder import META, quiet_peft
 from fedslip.model.backbone import load_backbone

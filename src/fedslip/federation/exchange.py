@@ -7,6 +7,7 @@ nodes. A transport moves these and measures bytes; it decides nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
