@@ -48,6 +48,20 @@ def test_vera_layer_computes_its_formula_and_starts_as_identity():
     np.testing.assert_allclose(small(x).detach().numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_under_bf16_autocast_the_layer_stays_in_bf16_and_its_vectors_still_train():
+    """As a LoRA layer does: an fp32 output would carry every op after it, up to the next matmul, in fp32."""
+    a, b = shared_pair(8, max_in=6, max_out=5, seed=3)
+    layer = VeRALinear(nn.Linear(6, 5).to(torch.bfloat16), a, b)
+    with torch.no_grad():
+        layer.vera_b.fill_(0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(torch.randn(3, 6))
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.vera_d.dtype == layer.vera_b.dtype == torch.float32
+    assert layer.vera_d.grad.abs().sum() > 0 and layer.vera_b.grad.abs().sum() > 0
+
+
 def test_frozen_matrices_come_from_the_root_seed_and_never_train(tiny_prep, vera_run):
     sim, _, _, _ = vera_run
     names = layer_names(tiny_prep)

@@ -61,8 +61,12 @@ class VeRALinear(nn.Module):
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.linear(self.drop(x), self.vera_A) * self.vera_d
-        return self.base(x) + F.linear(h, self.vera_B) * self.vera_b
+        """The trainable vectors (fp32) scale in the products' dtype: under bf16 autocast an fp32 factor would
+        make the layer's output, and every op after it up to the next matmul, fp32."""
+        h = F.linear(self.drop(x), self.vera_A)
+        h = h * self.vera_d.to(h.dtype)
+        y = F.linear(h, self.vera_B)
+        return self.base(x) + y * self.vera_b.to(y.dtype)
 
 
 def vera_model(backbone: Backbone, targets: list[str] | None, rank: int, seed: int, dropout: float,
