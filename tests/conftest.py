@@ -45,6 +45,18 @@ def tiny_prep():
     return prepare(tiny_config())
 
 
+UNEVEN = {"scheme": "dirichlet", "alpha": 1.0}  # clients of different sizes: a weighted mean is not a plain one
+
+
+@pytest.fixture(scope="session")
+def uneven_prep():
+    from fedslip.prepare import prepare
+
+    prep = prepare(tiny_config(partition=UNEVEN))
+    assert len({len(t) for t in prep.split.train}) == len(prep.split.train)  # every client its own size
+    return prep
+
+
 def ag_news_dir() -> Path:
     """$FEDSLIP_DATA_DIR if set, else ../shared/data/ag_news beside the checkout; skip when absent."""
     folder = Path(os.environ.get("FEDSLIP_DATA_DIR") or AG_NEWS_DIR)

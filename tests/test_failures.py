@@ -14,7 +14,7 @@ from fedslip.federation.inprocess import Failures, Simulation
 from fedslip.federation.protocol import select_clients
 from fedslip.methods import METHODS
 
-from conftest import tiny_config
+from conftest import UNEVEN, tiny_config
 
 # client 1 fails in round 2, clients 0 and 2 in round 3: one client in four per round at most
 SCHEDULE = [[2, 1], [3, 0], [3, 2]]
@@ -57,15 +57,18 @@ def test_only_survivors_are_aggregated_and_failed_clients_keep_their_state(tiny_
     assert sorted(failed_rows) == sorted((r, c) for r, c in SCHEDULE)
 
 
-def test_fedslip_aggregate_is_the_survivors_weighted_mean(tiny_prep):
-    sim, seen, _ = run_with_spies(tiny_prep, "fedslip")
+def test_fedslip_aggregate_is_the_survivors_weighted_mean(uneven_prep):
+    sim, seen, _ = run_with_spies(uneven_prep, "fedslip", partition=UNEVEN)
     rnd, participants, ups = seen[2]
     assert participants == [1, 3]
-    glob = sim.glob
-    total = sum(n for _, n in ups)
+    assert [n for _, n in ups] == [len(uneven_prep.split.train[c]) for c in participants]
+    glob, total, apart = sim.glob, sum(n for _, n in ups), 0.0
     for name in ups[0][0]:
         want = sum(p[name].double() * n / total for p, n in ups)
         torch.testing.assert_close(glob[name].double(), want, rtol=0, atol=1e-6)
+        plain = sum(p[name].double() for p, _ in ups) / len(ups)
+        apart = max(apart, float((want - plain).abs().max()))
+    assert apart > 1e-4  # the plain mean of the two would fail the check above
 
 
 def test_flora_clients_rebuild_the_server_model_after_missing_rounds(tiny_prep):
