@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,8 @@ def test_set_values_are_toml_literals_or_strings():
 @pytest.mark.parametrize("sets", [["train.client_fraction=0"], ["partition.scheme=\"ring\""], ["method.head=\"x\""],
                                   ["train.batch_size=0"], ["method.lambda_p=0"], ["data.test_fraction=1.5"]])
 def test_invalid_values(sets):
-    with pytest.raises(UserError):
+    key = sets[0].split("=")[0]
+    with pytest.raises(UserError, match=f"^{re.escape(key)} = .*(must be|expected)"):  # the key named, and why
         load_config(sets=sets)
 
 

@@ -78,7 +78,7 @@ def test_same_results_files_as_inprocess(pair):
             assert abs(final[key] - value) <= 1.0 / n_test + 1e-9, key
         else:
             assert final[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
-    for a, b in zip(pair["server"].ledger.entries, pair["ledger"].entries):  # + Flower's own size
+    for a, b in zip(pair["server"].ledger.entries, pair["ledger"].entries, strict=True):  # + Flower's own size
         assert dataclasses.replace(a, wire_bytes=None) == b and b.wire_bytes is None and a.wire_bytes > a.bytes // 2
 
 
@@ -95,7 +95,7 @@ def test_restarted_node_resumes_private_state_from_disk(pair, tiny_prep, tmp_pat
     assert len(resumes) == 1 and resumes[0]["round"] == 1 and resumes[0]["digest"] == saves[0]["digest"]
     assert_same_state(server.history[-1], pair["sim_history"][-1])
     fl_clients = json.loads((out / "results.json").read_text())["methods"]["fedslip"]["clients"]
-    for c, ref in zip(fl_clients, pair["result"].clients):
+    for c, ref in zip(fl_clients, pair["result"].clients, strict=True):
         assert abs(c["personal_acc"] - ref.personal_acc) <= 1.0 / ref.n_test + 1e-9
     # the private track on disk is the in-process engine's private track of that client
     state, meta = load_state_file(tmp_path / "node2" / "run-12-partition-2.safetensors")
@@ -149,10 +149,10 @@ def test_run_config_builds_the_fedslip_config():
 
     quick = config_from_run({"preset": "quick", "method": "fedslip", "overrides": ""})
     assert quick.train.rounds == PRESETS["quick"]["train"]["rounds"] and quick.model.max_length == 64
-    with pytest.raises(UserError):
-        config_from_run({"method": "fedslip", "overrides": "train.nope=1"})
-    with pytest.raises(UserError):
-        config_from_run({"method": "no-such-method"})
+    with pytest.raises(UserError, match="unknown key train.nope"):
+        config_from_run({"preset": "", "method": "fedslip", "overrides": "train.nope=1"})
+    with pytest.raises(UserError, match="unknown method 'no-such-method'"):
+        config_from_run({"preset": "", "method": "no-such-method", "overrides": ""})
     assert flower_runtime.split_overrides("a.b=1; c.d='x'\ne.f=2") == ["a.b=1", "c.d='x'", "e.f=2"]
 
 

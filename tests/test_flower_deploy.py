@@ -66,7 +66,7 @@ def test_tls_deployment_matches_inprocess_and_leaks_nothing(tiny_prep, tmp_path)
                 for r in csv.DictReader(f)]
     assert rows == [(e.round, e.client, e.direction, e.bytes, e.n_params) for e in ledger.entries]
     doc = json.loads((out / "results.json").read_text())["methods"]["fedslip"]
-    for c, ref in zip(doc["clients"], result.clients):
+    for c, ref in zip(doc["clients"], result.clients, strict=True):
         assert abs(c["personal_acc"] - ref.personal_acc) <= 1.0 / ref.n_test + 1e-9
         assert abs(c["client_acc"] - ref.client_acc) <= 1.0 / ref.n_test + 1e-9
     assert doc["final"]["train_loss"] == pytest.approx(result.final["train_loss"], rel=1e-5)

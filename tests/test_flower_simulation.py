@@ -43,5 +43,5 @@ def test_ray_simulation_matches_inprocess(tiny_prep, tmp_path, monkeypatch):
     assert rows == [(e.round, e.client, e.direction, e.bytes) for e in ledger.entries]
     doc = json.loads((out / "results.json").read_text())["methods"]["fedslip"]
     assert doc["final"]["train_loss"] == pytest.approx(result.final["train_loss"], rel=1e-5)
-    for c, ref in zip(doc["clients"], result.clients):
+    for c, ref in zip(doc["clients"], result.clients, strict=True):
         assert abs(c["personal_acc"] - ref.personal_acc) <= 1.0 / ref.n_test + 1e-9

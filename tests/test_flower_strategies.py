@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -118,8 +119,10 @@ def test_fedadam_over_two_rounds():
 def test_strategy_specs():
     assert parse_spec("FedTrimmedAvg: beta = 0.25") == ("fedtrimmedavg", {"beta": 0.25})
     assert parse_spec("fedprox:mu=0.1") == ("fedprox", {"proximal_mu": 0.1})
-    for bad in ("fedmean", "fedadam:eta", "method:x=1", "fedtrimmedavg:beta=0.7", "krum:nope=1"):
-        with pytest.raises(UserError):
+    for bad, says in (("fedmean", "unknown strategy 'fedmean'"), ("fedadam:eta", "expected name:key=value"),
+                      ("method:x=1", "takes no parameters"), ("fedtrimmedavg:beta=0.7", "`beta` must be in"),
+                      ("krum:nope=1", "unexpected keyword argument 'nope'")):
+        with pytest.raises(UserError, match=f"^method.strategy = '{re.escape(bad)}': .*{re.escape(says)}"):
             StrategyAggregation(bad)
 
 

@@ -66,11 +66,11 @@ def test_node_data_run_matches_the_split_run_and_the_server_reads_no_data(tiny_p
     assert set(loads) == {str(paths[f"client{k}/train"]) for k in range(4)} | {str(paths["global_test"])}
     # a class a node's training file lacks may be another node's: no "no client can learn it" warning
     assert "no client can learn" not in capsys.readouterr().err
-    for a, b in zip(server.history, sim_history):
+    for a, b in zip(server.history, sim_history, strict=True):
         assert_same_state(a, b)
     doc = json.loads((tmp_path / "out" / "results.json").read_text())["methods"]["fedslip"]
     n_test = min(c.n_test for c in expected.clients)
-    for mine, theirs in zip(doc["clients"], expected.clients):
+    for mine, theirs in zip(doc["clients"], expected.clients, strict=True):
         assert (mine["n_train"], mine["n_test"], mine["dominant_label"]) == \
             (theirs.n_train, theirs.n_test, theirs.dominant_label)
         assert abs(mine["personal_acc"] - theirs.personal_acc) <= 1 / n_test + 1e-9

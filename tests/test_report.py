@@ -197,8 +197,9 @@ def test_plot_results_writes_png(results, tmp_path):
 
 
 def test_empty_results_rejected(tmp_path):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="no results to plot"):
         plot_results([], tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_a_metric_measured_in_some_seeds_only_says_over_how_many():

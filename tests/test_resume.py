@@ -63,7 +63,7 @@ def assert_same_outputs(a: Path, b: Path, methods: list[str]) -> None:
         assert set(ga) == set(gb) and all(torch.equal(ga[n], gb[n]) for n in ga)
         every_round = sorted(str(r) for r in range(1, len(ma["rounds"]) + 1))
         assert sorted(ma["round_seconds"]) == sorted(mb["round_seconds"]) == every_round
-        for sa, sb in zip(ca, cb):
+        for sa, sb in zip(ca, cb, strict=True):
             assert set(sa.tensors) == set(sb.tensors)
             assert all(torch.equal(sa.tensors[n], sb.tensors[n]) for n in sa.tensors)
 
