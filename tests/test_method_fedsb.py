@@ -66,7 +66,10 @@ def test_averaging_r_averages_the_updates_exactly_and_a_b_stay_common_and_fixed(
         for c in sim.clients:
             assert torch.equal(c.tensors[f"{layer}.sb_A"], glob[f"{layer}.sb_A"])
             assert torch.equal(c.tensors[f"{layer}.sb_B"], glob[f"{layer}.sb_B"])
-    assert not any(p.requires_grad for n, p in sim.model.layers[layers(tiny_prep)[0]].named_buffers())
+    layer = sim.model.layers[layers(tiny_prep)[0]]  # A and B are buffers (nothing trains them), R a parameter
+    buffers, params = dict(layer.named_buffers()), dict(layer.named_parameters())
+    assert {"sb_A", "sb_B"} <= set(buffers) and not {"sb_A", "sb_B"} & set(params)
+    assert "sb_R" in params
 
 
 def test_aggregate_weights_r_by_example_count():
