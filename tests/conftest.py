@@ -75,3 +75,17 @@ def layers(prep) -> list[str]:
 def head_shapes(prep) -> dict[str, tuple[int, ...]]:
     hidden, n_classes = prep.backbone.model.config.hidden_size, prep.data.num_classes
     return {"classifier.weight": (n_classes, hidden), "classifier.bias": (n_classes,)}
+
+
+class FakeClock:
+    """A `time` module stand-in: `sleep` moves `monotonic` on at once, so waits run in no real time and the
+    same way on a loaded machine."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def monotonic(self):
+        return self.now
+
+    def sleep(self, s):
+        self.now += s

@@ -178,8 +178,12 @@ def test_compare_over_seeds_reports_mean_and_sample_std_of_each_seed(tmp_path, c
             assert float(summary[method][f"{key}_std"]) == pytest.approx(statistics.stdev(xs))
         assert summary[method]["n_seeds"] == "2"
     assert summary["fedslip"]["kstep_acc_mean"] == ""  # a metric the method lacks stays empty
-    split = [json.load(open(out / f"seed-{s}" / "results.json"))["clients"] for s in (0, 3)]
-    assert split[0] != split[1] or per_seed[0]["fedavg"] != per_seed[3]["fedavg"]  # each seed its own split
+    from fedslip.federation.checkpoint import path_for, read_meta
+
+    split = {(s, m): read_meta(path_for(out / f"seed-{s}", m))["fingerprint"]["split"]  # a digest of every index
+             for s in (0, 3) for m in ("fedavg", "fedslip")}
+    assert split[0, "fedavg"] == split[0, "fedslip"] and split[3, "fedavg"] == split[3, "fedslip"]  # one per seed
+    assert split[0, "fedavg"] != split[3, "fedavg"]  # each seed its own split
     assert " ± " in (out / "comparison.md").read_text()
     seeds_met = sum(float(per_seed[s]["fedslip"]["global_acc"]) >= float(per_seed[s]["fedavg"]["global_acc"]) - 0.005 - 1e-9
                     for s in (0, 3))
@@ -394,6 +398,7 @@ def test_a_lock_file_removed_between_open_and_lock_is_not_held_in_vain(tmp_path,
 
     monkeypatch.setattr(cli_common, "_lock", racing)
     with exclusive(out):
+        assert raced == [True]  # the folder really went away between the open and the lock
         with open(out / LOCK, "a+") as other, pytest.raises(BlockingIOError):
             fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a third run is kept out
 
@@ -414,6 +419,13 @@ def test_files_are_on_disk_before_they_are_renamed_and_the_rename_after(tmp_path
     assert (tmp_path / "x.txt").read_text() == "data"
 
 
-def test_no_clipping_is_still_a_setting(tmp_path):
+def test_no_clipping_is_still_a_setting(tmp_path, monkeypatch):
+    import torch
+
+    clips = []
+    real = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, clip, *a, **k: clips.append(clip)
+                        or real(params, clip, *a, **k))
     assert main(["run", "--method", "fedavg", "--quiet", "--out", str(tmp_path / "x"),
                  *sets(["train.clip=inf", "train.rounds=1"])]) == 0
+    assert clips and set(clips) == {float("inf")}  # every step ran with no bound on the gradient norm

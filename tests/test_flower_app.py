@@ -27,7 +27,7 @@ from fedslip.methods import METHODS
 from fedslip.methods.base import ClientState
 from fedslip.seeding import torch_gen
 
-from conftest import tiny_config
+from conftest import FakeClock, tiny_config
 
 # fedslip with warmup 0: the private track trains (and its optimizer state persists) from round 1.
 SECTIONS = {"fedavg": {}, "fedslip": {"method": {"warmup_rounds": 0}}}
@@ -169,12 +169,13 @@ def test_client_side_runs_with_the_methods_own_settings(tiny_prep):
     assert rt.side.cfg == Simulation(tiny_prep, METHODS["fedavg"](cfg)).side.cfg
 
 
-def test_nodes_that_cannot_take_part_are_named_once_and_superseded_ones_not_asked_again(tiny_prep):
+def test_nodes_that_cannot_take_part_are_named_once_and_superseded_ones_not_asked_again(tiny_prep, monkeypatch):
     """A SuperNode started without its partition-id answers the server's query with an error: the server
     says which node and why (in the line it stops with), and does not ask it every second; a restarted node
     takes its partition, and the node it replaced is not asked again."""
     from flower_util import run_config
 
+    from fedslip.federation.flower import server as server_module
     from fedslip.federation.flower.app import client_app
     from fedslip.federation.flower.local_grid import LocalGrid
     from fedslip.federation.flower.runtime import runtime_for
@@ -188,6 +189,7 @@ def test_nodes_that_cannot_take_part_are_named_once_and_superseded_ones_not_aske
     real = grid.send_and_receive
     grid.send_and_receive = lambda msgs, timeout=None: (asked.extend(m.metadata.dst_node_id for m in msgs)
                                                         or real(msgs, timeout=timeout))
+    monkeypatch.setattr(server_module, "time", FakeClock())  # its 1-s polls in no real time
     transport = FlowerTransport(grid, 4, 4, 1.5)
     with pytest.raises(UserError, match="only 3 of the 4 required clients.*has no partition: start it with"):
         transport.refresh_nodes(4, 1.5)
@@ -204,9 +206,10 @@ def test_nodes_that_cannot_take_part_are_named_once_and_superseded_ones_not_aske
     assert old not in asked and transport.partition_node[1] != old
 
 
-def test_a_node_whose_backbone_is_not_the_servers_takes_no_part(tiny_prep):
+def test_a_node_whose_backbone_is_not_the_servers_takes_no_part(tiny_prep, monkeypatch):
     """Every node loads the model by its own path (a multi-machine deployment): one that holds other weights
     or another config would train adapters for another model. The server names it and leaves it out."""
+    from fedslip.federation.flower import server as server_module
     from fedslip.federation.flower.app import client_app
     from fedslip.federation.flower.client import INFO
     from fedslip.federation.flower.local_grid import LocalGrid
@@ -222,6 +225,7 @@ def test_a_node_whose_backbone_is_not_the_servers_takes_no_part(tiny_prep):
         return reply
 
     grid = LocalGrid(client_app, [{"partition-id": k, "num-partitions": 4} for k in range(4)], rc, alter=alter)
+    monkeypatch.setattr(server_module, "time", FakeClock())
     transport = FlowerTransport(grid, 4, 4, 1.5)
     transport.backbone_digest = rt.prep.backbone.digest
     with pytest.raises(UserError, match=r"only 3 of the 4 required clients.*partitions \[0, 1, 3\]\); node \d+: "
@@ -260,6 +264,7 @@ def test_a_refused_node_is_asked_again_after_a_while(tiny_prep, monkeypatch):
     grid.send_and_receive = lambda msgs, timeout=None: (asked.extend(m.metadata.dst_node_id for m in msgs)
                                                         or real(msgs, timeout=timeout))
     monkeypatch.setattr(server_module, "REASK", 2.0)
+    monkeypatch.setattr(server_module, "time", FakeClock())  # polls at 0, 1, 2, ... s, in no real time
     transport = FlowerTransport(grid, 4, 4, 1.5)
     transport.backbone_digest = rt.prep.backbone.digest
     with pytest.raises(UserError, match="only 3 of the 4"):

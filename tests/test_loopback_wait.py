@@ -15,20 +15,11 @@ import time  # noqa: E402
 from fedslip.federation.flower import loopback  # noqa: E402
 from fedslip.federation.flower.loopback import Loopback, descendants, process_table, start_time  # noqa: E402
 
-
-class _Clock:
-    def __init__(self):
-        self.now = 0.0
-
-    def monotonic(self):
-        return self.now
-
-    def sleep(self, s):
-        self.now += s
+from conftest import FakeClock  # noqa: E402
 
 
 def _loopback(tmp_path, monkeypatch, serverapp_ends_at, finished_at):
-    clock = _Clock()
+    clock = FakeClock()
     monkeypatch.setattr("fedslip.federation.flower.loopback.time", clock)
     lb = Loopback(tmp_path / "lb", 2, insecure=True)
     asked = []
