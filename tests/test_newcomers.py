@@ -81,7 +81,7 @@ def assert_never_trained(result, ledger) -> None:
     assert result.final["client_acc_mean"] == pytest.approx(sum(means) / len(means))
 
 
-def test_fedavg_newcomer_is_kstep_from_the_final_global_model(tiny_prep):
+def test_fedavg_newcomer_is_kstep_from_the_final_global_model(tiny_prep, monkeypatch):
     sim, result, ledger, views = held_out_run(tiny_prep, "fedavg")
     assert_never_trained(result, ledger)
     held = result.clients[HELD]
@@ -90,7 +90,19 @@ def test_fedavg_newcomer_is_kstep_from_the_final_global_model(tiny_prep):
     # the training clients' K-step is there as before, the newcomer's is not among them
     assert all(c.kstep_acc is not None for c in result.clients if not c.held_out)
 
+    from fedslip.methods import fedavg as fedavg_module
+
+    steps, real = [], fedavg_module.sgd_step
+
+    def counted(model, batch, names, opt, clip, **kw):  # the values each step starts from
+        steps.append(model.read(names))
+        return real(model, batch, names, opt, clip, **kw)
+
+    monkeypatch.setattr(fedavg_module, "sgd_step", counted)
     method, model, state, view = independent_join(tiny_prep, sim.method.cfg, sim.glob)
+    k = len(tiny_prep.split.train[HELD]) // sim.method.cfg.train.batch_size
+    assert len(steps) == k >= 1  # K = n_train // batch size steps, as every client's K-step
+    assert all(torch.equal(steps[0][n], sim.glob[n]) for n in steps[0])  # from the final global model
     assert views.keys() == {HELD}
     assert all(torch.equal(view[n], views[HELD][n]) for n in view)
     assert held.newcomer_acc == accuracy(tiny_prep, model, view, "global")

@@ -91,9 +91,9 @@ def test_auto_precision_follows_the_probe(monkeypatch, speedup, want):
     assert resolve("cpu", "fp32").dtype == torch.float32 and resolve("cpu", "bf16").dtype == torch.bfloat16
 
 
-def test_probe_measures_both_precisions():
-    rate = placement_module.matmul_rate(torch.device("cpu"), torch.float32, m=64, k=64, n=64, seconds=0.02)
-    assert rate > 0
+def test_matmul_rate_times_each_precision():
+    for dtype in (torch.float32, torch.bfloat16):  # a real timing: only its sign is certain
+        assert placement_module.matmul_rate(torch.device("cpu"), dtype, m=64, k=64, n=64, seconds=0.02) > 0
 
 
 def fake_rates(monkeypatch, screen, full):
