@@ -217,10 +217,18 @@ def test_downlink_grows_with_the_number_of_clients_aggregated(tiny_prep):
     assert sizes.pop() < n_layers * sum(RANKS) * 2 * hidden + head  # the 4-client stack
 
 
-def test_cli_tiny_run(tmp_path):
+def test_cli_tiny_run_uploads_each_clients_own_rank(tmp_path, tiny_prep):
+    import csv
+
     out = tmp_path / "flora"
     rc = main(["run", "--method", "flora", "--quiet", "--out", str(out), *tiny_sets(["method.client_ranks=[4, 2]"])])
     assert rc == 0
     doc = json.loads((out / "results.json").read_text())
-    assert "flora" in doc["methods"]
-    assert doc["config"]["method"]["client_ranks"] == [4, 2]
+    assert "flora" in doc["methods"] and doc["config"]["method"]["client_ranks"] == [4, 2]
+    with open(out / "ledger.csv") as f:
+        up = {int(r["client"]): int(r["n_params"]) for r in csv.DictReader(f)
+              if r["round"] == "1" and r["direction"] == "up" and r["status"] == "ok"}
+    per_rank = sum(m.in_features + m.out_features for m in  # one rank of A (r × in) and B (out × r), every layer
+                   (tiny_prep.backbone.model.get_submodule(name) for name in layers(tiny_prep)))
+    assert sorted(up) == [0, 1, 2, 3] and up[0] == up[2] and up[1] == up[3]  # ranks 4, 2, 4, 2
+    assert up[0] - up[1] == (4 - 2) * per_rank
