@@ -25,6 +25,7 @@ def test_update_is_scaled_by_alpha_over_sqrt_r(rslora_run):
     r, alpha = 4, 4.0
     for layer in sim.model.layers.values():
         # the layer's output minus its frozen base equals (α/√r)·B·A·x, not LoRA's (α/r)·B·A·x
+        kept, mode = (layer.g_A.detach().clone(), layer.g_B.detach().clone()), layer.training
         layer.eval()
         x = torch.randn(3, layer.base.in_features)
         with torch.no_grad():
@@ -32,6 +33,10 @@ def test_update_is_scaled_by_alpha_over_sqrt_r(rslora_run):
             layer.g_B.normal_()
             delta = (layer(x) - layer.base(x)).numpy()
         ba_x = x.numpy() @ layer.g_A.detach().numpy().T @ layer.g_B.detach().numpy().T
+        with torch.no_grad():  # the module's run, as the other tests see it
+            layer.g_A.copy_(kept[0])
+            layer.g_B.copy_(kept[1])
+        layer.train(mode)
         np.testing.assert_allclose(delta, alpha / math.sqrt(r) * ba_x, rtol=1e-4, atol=1e-5)
         assert not np.allclose(delta, alpha / r * ba_x, rtol=1e-2)
 

@@ -54,10 +54,11 @@ def independent_join(prep, cfg, glob, cid: int = HELD):
     method = METHODS[cfg.method.name](cfg)
     model = method.build(prep.backbone)
     state = method.init_client(model, cid, torch_gen(cfg.train.seed, "client", cid))
-    torch.manual_seed(derive(cfg.train.seed, "join-dropout", cid))
     data = ClientData(cid, prep.train, prep.split.train[cid], cfg.train.batch_size,
                       numpy_gen(cfg.train.seed, "join-batches", cid), cfg.train.length_pool)
-    return method, model, state, method.join_view(model, glob, state, data)
+    with torch.random.fork_rng():  # the join's dropout draws, as the run seeded them; the generator as it was, after
+        torch.manual_seed(derive(cfg.train.seed, "join-dropout", cid))
+        return method, model, state, method.join_view(model, glob, state, data)
 
 
 def accuracy(prep, model, view, mode: str, cid: int = HELD) -> float:

@@ -46,7 +46,7 @@ def test_node_data_run_matches_the_split_run_and_the_server_reads_no_data(tiny_p
     loads = []
     real_load = prepare_module.load_data
     monkeypatch.setattr(prepare_module, "load_data", lambda dc, **kw: loads.append(dc.train_file) or real_load(dc, **kw))
-    runtime_module._RUNTIMES.clear()
+    monkeypatch.setattr(runtime_module, "_RUNTIMES", {})  # this test's runtimes, gone after it
     servers = []
     real_init = FlowerServer.__init__
 
@@ -58,7 +58,6 @@ def test_node_data_run_matches_the_split_run_and_the_server_reads_no_data(tiny_p
     monkeypatch.setattr(FlowerServer, "__init__", init)
     grid = LocalGrid(client_app, nodes, rc, run_id=51)
     server_app(grid, Context(run_id=51, node_id=0, node_config={}, state=RecordDict(), run_config=rc))
-    runtime_module._RUNTIMES.clear()
 
     server = servers[0]
     assert server.prep.data is None  # the server never loaded any data
