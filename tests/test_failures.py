@@ -173,8 +173,9 @@ def test_flower_nodes_that_do_not_answer_give_the_same_run(tiny_prep, tmp_path, 
     with open(out / "rounds.csv", encoding="utf-8") as f:
         failed = [r["failed"] for r in csv.DictReader(f)]
     assert failed == [" ".join(map(str, sorted(failing(r)))) for r in range(1, sim.method.rounds() + 1)]
-    assert [c.personal_acc for c in result.clients] == pytest.approx(
-        [json_clients[k]["personal_acc"] for k in range(4)], abs=1 / 20 + 1e-9)
+    assert len(json_clients) == len(result.clients) == 4
+    for c, theirs in zip(result.clients, json_clients):  # the states agree to float tolerance: one example may flip
+        assert abs(c.personal_acc - theirs["personal_acc"]) <= 1 / c.n_test + 1e-9
     if late:  # every node's private state as of its last round the server took equals the in-process client's
         from fedslip.federation.client_state import state_digest
         from fedslip.federation.flower.client import load_client_state

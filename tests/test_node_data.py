@@ -73,7 +73,8 @@ def test_node_data_run_matches_the_split_run_and_the_server_reads_no_data(tiny_p
         assert (mine["n_train"], mine["n_test"], mine["dominant_label"]) == \
             (theirs.n_train, theirs.n_test, theirs.dominant_label)
         assert abs(mine["personal_acc"] - theirs.personal_acc) <= 1 / n_test + 1e-9
-    assert abs(doc["final"]["global_acc"] - expected.final["global_acc"]) <= 1 / 40 + 1e-9
+    n_global = len(tiny_prep.split.global_test)  # the states agree to float tolerance: one example may flip
+    assert abs(doc["final"]["global_acc"] - expected.final["global_acc"]) <= 1 / n_global + 1e-9
 
 
 def test_a_node_data_node_without_files_is_one_clear_error(tmp_path):
