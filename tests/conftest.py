@@ -79,13 +79,18 @@ def head_shapes(prep) -> dict[str, tuple[int, ...]]:
 
 class FakeClock:
     """A `time` module stand-in: `sleep` moves `monotonic` on at once, so waits run in no real time and the
-    same way on a loaded machine."""
+    same way on a loaded machine. A wait that never sleeps would spin forever on it: many reads of the time
+    with no sleep between them fail the test instead."""
 
     def __init__(self):
         self.now = 0.0
+        self.reads = 0
 
     def monotonic(self):
+        self.reads += 1
+        assert self.reads < 10_000, "the code under test waits without sleeping: the fake clock never moves"
         return self.now
 
     def sleep(self, s):
+        self.reads = 0
         self.now += s

@@ -87,3 +87,19 @@ def test_resume_export_and_predict_refuse_another_backbone(tmp_path, capsys, mon
     assert main(["predict", str(exported), "--text", "kaba zuto"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"is not the model {exported} was exported from" in err[0]
+
+
+def test_a_default_mapping_that_moved_refuses_resume_and_export_keeps_the_runs_layers(tmp_path, capsys,
+                                                                                        monkeypatch):
+    import json
+
+    out = tmp_path / "run"
+    args = ["run", "--method", "fedavg", "--quiet", "--out", str(out), *sets(["train.rounds=1"])]
+    assert main(args) == 0
+    monkeypatch.setitem(backbone_module.EXTRA_TARGETS, "bert", ["key"])  # a newer mapping for BERT
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 2
+    assert "targets: ['query', 'value'] in the checkpoint, ['key'] now" in capsys.readouterr().err
+    assert main(["export", str(out), "--global", "--out", str(tmp_path / "exp")]) == 0
+    config = json.loads((tmp_path / "exp" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["query", "value"]  # the layers the run trained

@@ -184,6 +184,14 @@ def test_csv_holdout_is_stratified_and_fixed(tmp_path):
     assert load_data(cfg).test["text"][:] == data.test["text"][:]
 
 
+def test_a_file_too_small_to_hold_out_a_test_set_says_so(tmp_path):
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\na,0\nb,1\n")  # one row a class: 20 % of it rounds to none
+    with pytest.raises(UserError, match=r"train.csv: too few rows to hold out a test set; raise "
+                                        r"data.test_fraction or pass data.test_file"):
+        load_data(DataConfig(source="csv", train_file=str(train)))
+
+
 def test_jsonl(tmp_path):
     train = tmp_path / "train.jsonl"
     train.write_text("\n".join(json.dumps({"text": f"t{i}", "label": i % 3}) for i in range(9)) + "\n\n")

@@ -11,6 +11,7 @@ from fedslip.data.text import TextData, make_dataset
 from fedslip.errors import UserError
 from fedslip.hub import hub_reachable
 
+
 def first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return (text[0] if text else type(e).__name__)[:200]

@@ -10,6 +10,7 @@ import numpy as np
 
 from fedslip.errors import UserError, warn
 
+
 HOLDOUT_SEED = 0  # fixed: the train/test hold-out must not move when the run seed changes
 
 INT_RE = re.compile(r"[+-]?\d+")

@@ -14,6 +14,7 @@ from pathlib import Path
 from fedslip.config import DataConfig
 from fedslip.errors import UserError, warn
 
+
 CONFIG_HINT = "set data.text_columns / data.label_column"
 
 

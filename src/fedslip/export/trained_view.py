@@ -100,6 +100,8 @@ def load_view(run_dir: Path, client: int | None, method: str | None = None,
                         "(fedslip run ... --resume) before exporting")
     glob, clients, meta = checkpoint.load(path)
     cfg = config_of(meta)
+    if cfg.model.target_modules is None and meta["fingerprint"].get("targets"):  # the default mapping may have moved
+        cfg.model.target_modules = list(meta["fingerprint"]["targets"])
     m = method_for(cfg)
     names = label_names_of(cfg, meta, label_names, data_dir)
     backbone = load_backbone(cfg.model.backbone, len(names), cfg.train.seed, cfg.model.backbone_dropout)

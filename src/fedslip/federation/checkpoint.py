@@ -36,7 +36,8 @@ def fingerprint(prep, method_name: str) -> dict[str, Any]:
     """What a run's numbers depend on; a resumed run must match it (`check`). "data" digests the token ids
     and labels the run uses, "backbone" the frozen weights as loaded, so the data's and the model's folders
     need not match (a run may move machines); "transformers" is the library that runs the backbone, and
-    "targets" the projections adapted (without `model.target_modules`, PEFT's mapping decides them)."""
+    "targets" the projections adapted (without `model.target_modules`, the default mapping for the
+    architecture decides them: fedslip's, else PEFT's)."""
     import transformers
 
     from fedslip import __version__

@@ -48,7 +48,8 @@ def partition(context: Context, n_clients: int | None = None) -> int:
 
 
 def query_reply(rt, msg: Message, context: Context) -> Message:
-    """The node's partition and its data's sizes (the server holds no data in a node-data run)."""
+    """The node's partition, its data's sizes (the server holds no data in a node-data run) and its backbone's
+    digest (the server leaves out a node whose model is not its own)."""
     pid = partition(context, rt.n_clients)
     own = rt.prep.clients[pid]
     info = {"partition-id": pid, "num-partitions": int(context.node_config.get("num-partitions", -1)),
