@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import flower_util  # noqa: F401  (skips without Flower)
 
@@ -115,3 +116,22 @@ def test_the_warmup_warning_is_said_once_on_flower(tmp_path, capsys, caplog):
     logged = [r for r in caplog.records if "the private track never trains" in r.getMessage()]
     assert len(logged) == 1 and logged[0].name == "flwr"  # the ServerApp's log, the console here
     assert "the private track never trains" not in capsys.readouterr().err.replace(logged[0].getMessage(), "")
+
+
+@pytest.mark.parametrize("extra,device", [(["--runtime", "simulation", "--gpus", "0"], "cpu"),
+                                          (["--runtime", "simulation"], "auto"), ([], "auto")])
+def test_auto_precision_is_resolved_for_the_device_the_clients_get(tmp_path, monkeypatch, extra, device):
+    """Ray hides every GPU from ClientApps given none: their precision is the CPU's, whatever the host has."""
+    from fedslip.flower_cli import _prepare_run
+    from fedslip.model import placement
+
+    asked = []
+
+    def resolve(dev, precision):
+        asked.append(dev)
+        return placement.Placement(torch.device("cpu"), torch.float32, {"precision": "fp32"})
+
+    monkeypatch.setattr(placement, "resolve", resolve)
+    args = parser().parse_args(["flower", *extra, "--out", str(tmp_path / "out"), *sets(['train.precision="auto"'])])
+    _prepare_run(args, "runs/x")
+    assert asked == [device]

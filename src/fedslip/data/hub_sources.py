@@ -60,7 +60,8 @@ def load_hub(cfg: DataConfig) -> TextData:
     if test_split:
         warn_test_only(train_ids, test_ids, test_rows, names, files, "row")
     else:
+        instead = "name a test split in data.hf_test_split"
         train_texts, train_ids, test_texts, test_ids = hold_out(train_texts, train_ids, cfg.test_fraction,
-                                                                files["train"], "name a test split in data.hf_test_split")
+                                                                files["train"], instead)
     return TextData(make_dataset(train_texts, train_ids), make_dataset(test_texts, test_ids), names, len(names),
                     f"hub dataset {name} (train {len(train_ids)}, test {len(test_ids)})")
