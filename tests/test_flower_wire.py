@@ -154,7 +154,7 @@ def test_ledger_wire_bytes_are_the_mods_measurement_of_each_payload(run):
     import csv
     import json
 
-    from fedslip.federation.ledger import MIB
+    from fedslip.evaluation.ledger import MIB
 
     server, out = run["server"], run["out"]
     assert server.ledger.rows("eval") and all(e.wire_bytes is not None for e in server.ledger.rows("eval"))

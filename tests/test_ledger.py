@@ -76,7 +76,7 @@ def test_frozen_head_sends_lora_only_and_local_sends_nothing(tiny_prep):
 
 
 def test_evaluation_rides_on_the_next_download_and_final_evaluation_is_counted(tiny_prep):
-    from fedslip.federation.ledger import MIB
+    from fedslip.evaluation.ledger import MIB
 
     cfg = tiny_config("fedslip", train={"rounds": 3})
     result, ledger = Simulation(tiny_prep, METHODS["fedslip"](cfg)).run()

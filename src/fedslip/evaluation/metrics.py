@@ -9,8 +9,8 @@ import torch
 
 from fedslip.data.batching import Encoded
 from fedslip.errors import warn
+from fedslip.evaluation.ledger import Ledger
 from fedslip.evaluation.records import MethodResult
-from fedslip.federation.ledger import Ledger
 from fedslip.model.adapted import AdaptedModel, Tensors
 
 

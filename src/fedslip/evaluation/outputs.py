@@ -21,10 +21,10 @@ from fedslip.atomic import replace_durably
 from fedslip.evaluation.figures import plot_results
 from fedslip.evaluation.goal import goal_rows
 from fedslip.evaluation.goal import to_markdown as goal_markdown
+from fedslip.evaluation.ledger import Ledger, write_ledger_csv
 from fedslip.evaluation.metrics import scored_mean
 from fedslip.evaluation.records import MethodResult
 from fedslip.evaluation.tables import comparison_rows, to_csv, to_markdown
-from fedslip.federation.ledger import Ledger, write_ledger_csv
 from fedslip.prepare import Prepared
 
 

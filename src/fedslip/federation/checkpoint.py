@@ -23,9 +23,9 @@ import torch
 from fedslip.atomic import replace_durably, usual_mode
 from fedslip.config import Config
 from fedslip.errors import UserError
+from fedslip.evaluation.ledger import Entry, Ledger
 from fedslip.evaluation.records import ClientRecord, MethodResult, RoundRecord
 from fedslip.federation.client_state import pack_state, unpack_state
-from fedslip.federation.ledger import Entry, Ledger
 from fedslip.methods.base import ClientState
 
 FORMAT = 1

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from fedslip.errors import UserError, warn
+from fedslip.evaluation.ledger import Ledger
 from fedslip.evaluation.metrics import summarize
 from fedslip.evaluation.records import ClientRecord, MethodResult, RoundRecord
 from fedslip.federation.checkpoint import (fingerprint, ledger_from_json, ledger_to_json, result_from_json,
@@ -36,7 +37,6 @@ from fedslip.federation.checkpoint import load as load_checkpoint
 from fedslip.federation.checkpoint import save as save_checkpoint
 from fedslip.federation.checks import size_problem, upload_problem
 from fedslip.federation.exchange import EVALUATE, TRAIN, EvalAsk, Payload, Reply, Request, Transport
-from fedslip.federation.ledger import Ledger
 from fedslip.federation.payload import encode
 from fedslip.methods.base import Method, mean
 from fedslip.model.adapted import AdaptedModel

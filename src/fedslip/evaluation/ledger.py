@@ -6,7 +6,7 @@ import csv
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fedslip.federation.payload import Payload
+import torch
 
 MIB = 1024 * 1024
 
@@ -34,7 +34,7 @@ class Ledger:
         self.method = method
         self.entries: list[Entry] = []
 
-    def record(self, rnd: int, client: int, direction: str, payload: Payload, n_bytes: int,
+    def record(self, rnd: int, client: int, direction: str, payload: dict[str, torch.Tensor], n_bytes: int,
                wire_bytes: int | None = None, kind: str = "train", status: str = "ok", note: str = "") -> None:
         dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in payload.values()})
         self.entries.append(Entry(self.method, rnd, client, direction, n_bytes,
