@@ -48,11 +48,16 @@ def test_compare_writes_all_outputs(tmp_path, capsys):
     table = {r["method"]: r for r in csv.DictReader(open(out / "comparison.csv"))}
     goal = (out / "comparison.md").read_text().split("Goal:")[1]
     assert "| local |" not in goal and "| fedavg |" not in goal
+    def right(method, view):  # test examples a view got right, from clients.csv: accuracy × test size
+        return sum(round(float(c[view]) * int(c["n_test"])) for c in clients if c["method"] == method)
+
+    examples = sum(int(c["n_test"]) for c in clients if c["method"] == "fedavg")
     for method in ("dualtrack-naive", "fedslip"):
         ours, avg = table[method], table["fedavg"]
         met = float(ours["personal_acc_mean"]) >= float(avg["kstep_acc_mean"]) - 1e-9
+        net = right(method, "personal_acc") - right("fedavg", "kstep_acc")
         cell = (f"{100 * float(ours['personal_acc_mean']):.1f} vs {100 * float(avg['kstep_acc_mean']):.1f}: "
-                + ("met" if met else "NOT met"))
+                + ("met" if met else "NOT met") + f" (net {net:+d} of {examples:,} examples)")
         assert f"| {method} | {cell} |" in goal
     assert all(c["kstep_acc"] != "" for c in clients if c["method"] == "fedavg")
     assert all(c["kstep_acc"] == "" for c in clients if c["method"] == "fedslip")

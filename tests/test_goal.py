@@ -56,3 +56,26 @@ def test_values_that_round_alike_get_the_decimals_that_tell_them_apart():
     assert "| 89.996 vs 90.000: NOT met |" in text
     (goal,) = goal_rows([FEDAVG, row("fedslip-plus", glob=0.85, personal=0.90)])
     assert "| 90.0 vs 90.0: met |" in to_markdown([goal])
+
+
+def test_the_personal_part_says_how_many_test_examples_the_difference_is():
+    from fedslip.evaluation.records import ClientRecord, MethodResult
+    from fedslip.evaluation.tables import comparison_rows
+
+    def result(method, view, accs, n_tests, held=()):
+        clients = [ClientRecord(k, 100, n, 0, 0.8, None, held_out=k in held) for k, n in enumerate(n_tests)]
+        for c, a in zip(clients, accs):
+            setattr(c, view, a)
+        final = {"global_acc": 0.85, "mib_per_round": 2.0, f"{view}_mean": sum(accs) / len(accs)}
+        return MethodResult(method, clients=clients, final=final)
+
+    fedavg = result("fedavg", "kstep_acc", [0.9, 0.95], [500, 400])  # 450 + 380 right
+    plus = result("fedslip-plus", "personal_acc", [0.92, 0.94], [500, 400])  # 460 + 376 right
+    (goal,) = goal_rows(comparison_rows([fedavg, plus]))
+    personal = goal["parts"][0]
+    assert (personal["net"], personal["examples"]) == (460 + 376 - 450 - 380, 900)
+    assert "(net +6 of 900 examples)" in to_markdown([goal])
+    other = result("fedslip-plus", "personal_acc", [0.92, 0.94, 0.5], [500, 400, 10], held=(2,))  # held out: uncounted
+    assert goal_rows(comparison_rows([fedavg, other]))[0]["parts"][0]["net"] == 6
+    fewer = result("fedslip-plus", "personal_acc", [0.92, float("nan")], [500, 400])  # one client never scored
+    assert "net" not in goal_rows(comparison_rows([fedavg, fewer]))[0]["parts"][0]

@@ -14,6 +14,8 @@ EPS = 1e-9  # accuracies are ratios of counts: equal means equal, not "a roundin
 HEADING = ("Goal: personal (synced) ≥ fedavg's K-step, global ≥ fedavg's − 0.5 point, "
            "MiB/round ≤ fedavg's")
 
+# the accuracies that are counts of client test examples (`comparison_rows`): (right, of how many)
+CORRECT = {"personal_acc_mean": "personal_acc_correct", "kstep_acc_mean": "kstep_acc_correct"}
 # (name, the candidate's key, fedavg's key, slack): met when candidate ≥ fedavg's − slack (bytes: ≤)
 PARTS = [("personal vs K-step", "personal_acc_mean", "kstep_acc_mean", 0.0),
          ("global", "global_acc", "global_acc", GLOBAL_SLACK),
@@ -57,6 +59,9 @@ def goal_rows(rows: Sequence[Mapping], per_seed: Mapping[int, Sequence[Mapping]]
         for part, ours, theirs, slack in PARTS:
             entry = {"part": part, "ours": row[ours], "fedavg": fedavg[theirs],
                      "met": _met(part, row[ours], fedavg[theirs], slack)}
+            counts = row.get(CORRECT.get(ours, "")), fedavg.get(CORRECT.get(theirs, ""))
+            if None not in counts and counts[0][1] == counts[1][1]:  # the same clients' test examples
+                entry["net"], entry["examples"] = counts[0][0] - counts[1][0], counts[0][1]
             if per_seed:
                 pairs = [(next((r for r in rs if r["method"] == row["method"]), None),
                           next((r for r in rs if r["method"] == "fedavg"), None)) for rs in per_seed.values()]
@@ -76,6 +81,8 @@ def to_markdown(goals: Sequence[dict]) -> str:
     def cell(p: dict) -> str:
         ours, theirs = _pair(p["part"], p["ours"], p["fedavg"])
         text = f"{ours} vs {theirs}: {'met' if p['met'] else 'NOT met'}"
+        if "net" in p:  # how many test examples the difference is: one example may decide it
+            text += f" (net {p['net']:+d} of {p['examples']:,} examples)"
         return text + (f" ({p['seeds_met']} of {p['seeds']} seeds)" if "seeds" in p else "")
 
     seeds = "seeds" in goals[0]["parts"][0]

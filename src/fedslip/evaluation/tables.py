@@ -95,12 +95,20 @@ ZERO_HIDDEN = {"failed_uploads", "rejected_uploads"}
 
 
 def comparison_rows(results: Sequence[MethodResult]) -> list[dict]:
-    """One row per method: `method` plus every key of `COLUMNS`, raw values, None where not measured."""
+    """One row per method: `method` plus every key of `COLUMNS`, raw values, None where not measured; and, for
+    the goal check (not a column), `<view>_correct`: the test examples each client view got right, summed over
+    the training clients, where every one of them has that view."""
     rows = []
     for result in results:
         row: dict = {"method": result.method}
         for key, _, _ in COLUMNS:
             row[key] = result.wall_time_s if key == "wall_time_s" else result.final.get(key)
+        trained = [c for c in result.clients if not c.held_out]
+        for view in ("personal_acc", "kstep_acc"):
+            accs = [getattr(c, view) for c in trained]
+            if trained and all(a is not None and math.isfinite(a) for a in accs):
+                row[f"{view}_correct"] = (sum(round(a * c.n_test) for a, c in zip(accs, trained)),
+                                          sum(c.n_test for c in trained))
         rows.append(row)
     return rows
 
