@@ -103,3 +103,17 @@ def test_a_default_mapping_that_moved_refuses_resume_and_export_keeps_the_runs_l
     assert main(["export", str(out), "--global", "--out", str(tmp_path / "exp")]) == 0
     config = json.loads((tmp_path / "exp" / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == ["query", "value"]  # the layers the run trained
+
+
+def test_another_library_version_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    from fedslip.federation import checkpoint
+
+    out = tmp_path / "run"
+    args = ["run", "--method", "fedavg", "--quiet", "--out", str(out), *sets(["train.rounds=1"])]
+    assert main(args) == 0
+    capsys.readouterr()
+    real = checkpoint.fingerprint
+    monkeypatch.setattr(checkpoint, "fingerprint", lambda *a: {**real(*a), "transformers": "99.0"})  # an upgrade
+    assert main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith("'99.0' now; to resume it, install the versions the checkpoint names")

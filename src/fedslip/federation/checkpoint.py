@@ -207,7 +207,9 @@ def check(path: Path, prep, method: str) -> None:
     diff = [f"backbone: {prep.cfg.model.backbone!r} is not the model the run trained on (other weights or config)"
             if d.startswith("backbone:") else d for d in diff]
     if diff:
-        raise UserError(f"checkpoint {path} belongs to another run: {'; '.join(diff[:3])}")
+        versions = any(d.startswith(("torch:", "transformers:", "fedslip:")) for d in diff[:3])
+        hint = "; to resume it, install the versions the checkpoint names" if versions else ""
+        raise UserError(f"checkpoint {path} belongs to another run: {'; '.join(diff[:3])}{hint}")
 
 
 def load(path: Path) -> tuple[dict, list[ClientState] | None, dict[str, Any]]:
