@@ -212,3 +212,16 @@ def test_a_metric_measured_in_some_seeds_only_says_over_how_many():
     assert row["n_seeds"] == 3 and row["kstep_acc_mean_n"] == 2 and "global_acc_n" not in row
     text = seeds_markdown([row])
     assert "| 85.0 ± 7.1 (2 of 3 seeds) |" in text and "| 80.0 ± 10.0 |" in text
+
+
+def test_percentages_round_halves_up_as_the_counts_are():
+    from fractions import Fraction
+
+    from fedslip.evaluation.tables import percent
+
+    for right, total in ((1861, 2000), (1863, 2000), (1761, 2000), (1803, 2000), (1, 8), (1389, 1600)):
+        exact = Fraction(right, total) * 100  # the accuracy in %, exactly
+        tenths = (exact * 10 + Fraction(1, 2)).__floor__()  # half up, in exact arithmetic
+        assert percent(right / total) == f"{tenths // 10}.{tenths % 10}", (right, total)
+    assert percent(0.9305) == "93.1" and percent(0.9315) == "93.2" and percent(0.9305, 2) == "93.05"
+    assert percent(0.0) == "0.0" and percent(1.0) == "100.0"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from fedslip.errors import UserError
 from fedslip.evaluation.metrics import scored_mean
+from fedslip.evaluation.tables import percent
 from fedslip.federation import checkpoint
 
 
@@ -78,7 +79,7 @@ def describe(path: Path) -> dict:
 
 
 def _pct(x: float | None) -> str:
-    return "—" if x is None else f"{100 * x:.1f}"
+    return "—" if x is None else percent(x)
 
 
 def _hours(seconds: float) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from fedslip.evaluation.tables import _md_table
+from fedslip.evaluation.tables import _md_table, percent
 
 GLOBAL_SLACK = 0.005  # half a point of accuracy
 EPS = 1e-9  # accuracies are ratios of counts: equal means equal, not "a rounding error below"
@@ -36,7 +36,7 @@ def _candidates(rows: Sequence[Mapping]) -> list[Mapping]:
 
 
 def _fmt(part: str, x: float, extra: int = 0) -> str:
-    return f"{x:.{3 + extra}f}" if part == "MiB/round" else f"{100 * x:.{1 + extra}f}"
+    return f"{x:.{3 + extra}f}" if part == "MiB/round" else percent(x, 1 + extra)
 
 
 def _pair(part: str, ours: float, theirs: float) -> tuple[str, str]:
