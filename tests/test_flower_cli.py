@@ -135,3 +135,15 @@ def test_auto_precision_is_resolved_for_the_device_the_clients_get(tmp_path, mon
     args = parser().parse_args(["flower", *extra, "--out", str(tmp_path / "out"), *sets(['train.precision="auto"'])])
     _prepare_run(args, "runs/x")
     assert asked == [device]
+
+
+def test_deploy_and_simulation_say_the_warmup_warning_before_they_start(tmp_path, capsys):
+    """Their ServerApp's log is a file in the workdir: the warning goes to the terminal first."""
+    from fedslip.flower_cli import _prepare_run
+
+    for argv in (["deploy"], ["flower", "--runtime", "simulation"]):
+        args = parser().parse_args([*argv, "--method", "fedslip", "--out", str(tmp_path / argv[-1]),
+                                    *sets(["train.rounds=1", "method.warmup_rounds=1"])])
+        _prepare_run(args, "runs/x")
+        err = capsys.readouterr().err.splitlines()
+        assert sum("the private track never trains" in line for line in err) == 1, argv
