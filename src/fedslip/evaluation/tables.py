@@ -25,10 +25,6 @@ def percent(x: float, places: int = 1) -> str:
     return str(value.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP))
 
 
-def _pct(x: float) -> str:
-    return percent(x)
-
-
 def _mib(x: float) -> str:
     return f"{x:.3f}"
 
@@ -47,15 +43,15 @@ def _plain(x: float) -> str:
 
 # (row key, Markdown header, formatter) in display order. The row key is also the CSV column name.
 COLUMNS: list[tuple[str, str, Callable[[float], str]]] = [
-    ("global_acc", "Global acc (%)", _pct),
-    ("client_acc_mean", "Client acc, global model (%)", _pct),
-    ("personal_acc_mean", "Personal synced mean (%)", _pct),
-    ("personal_acc_weighted", "Personal synced weighted (%)", _pct),
-    ("personal_acc_worst", "Personal synced worst (%)", _pct),
-    ("persistent_acc_mean", "Personal persistent mean (%)", _pct),
-    ("kstep_acc_mean", "K-step acc mean (%)", _pct),
-    ("newcomer_acc_mean", "Newcomer acc after joining (%)", _pct),
-    ("newcomer_global_acc_mean", "Newcomer acc, global model (%)", _pct),
+    ("global_acc", "Global acc (%)", percent),
+    ("client_acc_mean", "Client acc, global model (%)", percent),
+    ("personal_acc_mean", "Personal synced mean (%)", percent),
+    ("personal_acc_weighted", "Personal synced weighted (%)", percent),
+    ("personal_acc_worst", "Personal synced worst (%)", percent),
+    ("persistent_acc_mean", "Personal persistent mean (%)", percent),
+    ("kstep_acc_mean", "K-step acc mean (%)", percent),
+    ("newcomer_acc_mean", "Newcomer acc after joining (%)", percent),
+    ("newcomer_global_acc_mean", "Newcomer acc, global model (%)", percent),
     ("mib_per_round", "MiB/round", _mib),
     ("mib_total", "MiB total", _mib),
     ("eval_mib_per_round", "Eval MiB/round", _mib),
@@ -68,21 +64,21 @@ COLUMNS: list[tuple[str, str, Callable[[float], str]]] = [
 
 # Every metric `MethodResult.final` may hold, in the order the single-method table lists them.
 FINAL_METRICS: list[tuple[str, str, Callable[[float], str]]] = [
-    ("global_acc", "Global accuracy (%)", _pct),
-    ("client_acc_mean", "Client accuracy, global model, mean (%)", _pct),
-    ("client_acc_weighted", "Client accuracy, global model, weighted (%)", _pct),
-    ("client_acc_worst", "Client accuracy, global model, worst (%)", _pct),
-    ("personal_acc_mean", "Personalized accuracy, synced, mean (%)", _pct),
-    ("personal_acc_weighted", "Personalized accuracy, synced, weighted (%)", _pct),
-    ("personal_acc_worst", "Personalized accuracy, synced, worst (%)", _pct),
-    ("persistent_acc_mean", "Personalized accuracy, persistent, mean (%)", _pct),
-    ("persistent_acc_weighted", "Personalized accuracy, persistent, weighted (%)", _pct),
-    ("persistent_acc_worst", "Personalized accuracy, persistent, worst (%)", _pct),
-    ("kstep_acc_mean", "K-step accuracy, mean (%)", _pct),
-    ("kstep_acc_weighted", "K-step accuracy, weighted (%)", _pct),
-    ("kstep_acc_worst", "K-step accuracy, worst (%)", _pct),
-    ("newcomer_acc_mean", "Held-out newcomers: accuracy after joining, mean (%)", _pct),
-    ("newcomer_global_acc_mean", "Held-out newcomers: accuracy of the global model, mean (%)", _pct),
+    ("global_acc", "Global accuracy (%)", percent),
+    ("client_acc_mean", "Client accuracy, global model, mean (%)", percent),
+    ("client_acc_weighted", "Client accuracy, global model, weighted (%)", percent),
+    ("client_acc_worst", "Client accuracy, global model, worst (%)", percent),
+    ("personal_acc_mean", "Personalized accuracy, synced, mean (%)", percent),
+    ("personal_acc_weighted", "Personalized accuracy, synced, weighted (%)", percent),
+    ("personal_acc_worst", "Personalized accuracy, synced, worst (%)", percent),
+    ("persistent_acc_mean", "Personalized accuracy, persistent, mean (%)", percent),
+    ("persistent_acc_weighted", "Personalized accuracy, persistent, weighted (%)", percent),
+    ("persistent_acc_worst", "Personalized accuracy, persistent, worst (%)", percent),
+    ("kstep_acc_mean", "K-step accuracy, mean (%)", percent),
+    ("kstep_acc_weighted", "K-step accuracy, weighted (%)", percent),
+    ("kstep_acc_worst", "K-step accuracy, worst (%)", percent),
+    ("newcomer_acc_mean", "Held-out newcomers: accuracy after joining, mean (%)", percent),
+    ("newcomer_global_acc_mean", "Held-out newcomers: accuracy of the global model, mean (%)", percent),
     ("train_loss", "Training loss (last round)", _plain),
     ("mib_per_round", "MiB per round (training, up + down)", _mib),
     ("mib_total", "MiB total", _mib),

@@ -23,7 +23,7 @@ from fedslip.data.batching import Encoded
 from fedslip.data.rows import joined_text, read_csv_rows, read_jsonl_rows
 from fedslip.errors import UserError
 from fedslip.export.peft_folder import META, quiet_peft
-from fedslip.model.backbone import load_backbone
+from fedslip.model.backbone import load_backbone, require_model
 
 BATCH = 64
 
@@ -53,10 +53,7 @@ def load_classifier(folder: Path, meta: dict) -> Classifier:
     from peft import PeftModel
 
     backbone = load_backbone(meta["backbone"], meta["num_labels"], meta["backbone_seed"])
-    exported_on = meta.get("backbone_digest")  # absent from exports made before it was recorded
-    if exported_on is not None and backbone.digest != exported_on:
-        raise UserError(f"backbone {meta['backbone']!r} ({backbone.source}) is not the model {folder} was "
-                        "exported from (other weights or config): its adapters would be applied to another model")
+    require_model(backbone, meta.get("backbone_digest"), f"{folder} was exported from")
     with quiet_peft():
         model = PeftModel.from_pretrained(backbone.model, str(folder)).eval()
     return Classifier(meta, model, backbone.tokenizer, backbone.tokenizer.pad_token_id or 0)

