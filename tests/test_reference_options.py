@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedslip.config import load_config
+from fedslip.config import MethodConfig, load_config
 from fedslip.errors import UserError
 from fedslip.federation.inprocess import Simulation
 from fedslip.methods import METHODS, method_for
@@ -86,6 +86,8 @@ def test_reference_preset_sets_each_method_its_own_way():
     assert "pre_classifier" in cfg.for_method("fedavg").model.head_modules
     assert cfg.for_method("fedslip").model.head_modules is None
     assert cfg.for_method("fedslip").method.dropout == 0.0 and cfg.for_method("fedavg").method.dropout == 0.1
+    # the reference's FedProx term was inert in its FedSLIP only: fedprox keeps the default μ
+    assert cfg.for_method("fedslip").method.mu == 0.0 and cfg.for_method("fedprox").method.mu == MethodConfig().mu > 0
     assert (cfg.method.mask_ties, cfg.method.private_optimizer, cfg.method.global_step_private,
             cfg.method.private_step_global) == ("keep", "fresh", "on", "live")
 

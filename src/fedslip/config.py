@@ -168,9 +168,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "reference": {
         "train": {"precision": "fp32", "length_pool": 1},
         "method": {"mask_ties": "keep", "private_optimizer": "fresh", "global_step_private": "on",
-                   "private_step_global": "live", "mu": 0.0},
+                   "private_step_global": "live"},
         "by_method": {
-            "fedslip": {"method": {"head": "frozen", "dropout": 0.0}},
+            # its FedProx term matched no parameter; fedprox, a method of its own, keeps its μ
+            "fedslip": {"method": {"head": "frozen", "dropout": 0.0, "mu": 0.0}},
             "dualtrack-naive": {"method": {"dropout": 0.0}},
             # DistilBERT's pre_classifier; on a BERT backbone (MiniLM) its counterpart is the pooler
             "fedavg": {"model": {"head_modules": ["pre_classifier", "bert.pooler", "classifier"]}},
