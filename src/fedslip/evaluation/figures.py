@@ -1,7 +1,7 @@
 """The six-panel report figure of one or more finished runs.
 
-Panels (2 x 3): training loss per round; global accuracy per round; personalized accuracy vs cumulative
-MiB; per-client accuracy per round; per-client accuracy bars (every accuracy each method has, held-out
+Panels (2 x 3): training loss per round; global accuracy per round; personalized (synced) accuracy vs
+cumulative MiB; per-client accuracy per round; per-client accuracy bars (every accuracy each method has, held-out
 newcomers' included); mean MiB per round per method.
 
 The figure is built with `matplotlib.figure.Figure` directly, not pyplot: nothing is registered globally,
@@ -132,7 +132,7 @@ def _panel_acc_vs_mib(ax: Axes, results: Sequence[MethodResult], colors: dict[st
             ax.plot(xs, ys, color=colors[r.method], marker=_marker(len(xs)), ms=4, label=label)
     ax.set_title("Mean per-client accuracy vs communication")
     ax.set_xlabel("Cumulative communication (MiB, up + down)")
-    ax.set_ylabel("Mean personalized accuracy")
+    ax.set_ylabel("Mean personal accuracy, synced")
     _pct_axis(ax)
     if not ax.lines:
         _no_data(ax, "no per-client accuracy recorded")
@@ -184,7 +184,7 @@ def _panel_per_client(ax: Axes, results: Sequence[MethodResult], colors: dict[st
             cid = ids[i] if i < len(ids) else i
             style = client_style.setdefault(cid, (_LINESTYLES[i % len(_LINESTYLES)], _MARKERS[i % len(_MARKERS)]))
             ax.plot(xs, ys, color=f"C{i % 10}" if single else colors[r.method], ls=style[0], marker=style[1], ms=4)
-    kind = "global model" if all(_uses_global_fallback(r) for r, _ in shown) else "personalized"
+    kind = "global model" if all(_uses_global_fallback(r) for r, _ in shown) else "personal, synced"
     if single and len(results) > 1:
         ax.set_title(f"Per-client accuracy per round: {shown[0][0].method} only ({kind})")
     else:
