@@ -168,6 +168,12 @@ def test_figure_has_six_panels_with_data(results):
     assert len(axes[3].lines) == N_CLIENTS and "fedslip only" in axes[3].get_title()
 
 
+def test_per_client_panel_passes_over_a_one_round_method_listed_last(results):
+    panel = build_figure([*results[1:], results[0]]).get_axes()[3]  # local (one round) last
+    assert "fedslip only" in panel.get_title()
+    assert all(len(line.get_xdata()) == N_ROUNDS // 2 for line in panel.lines)  # fedslip's evaluated rounds
+
+
 def test_figure_shows_held_out_newcomers_in_the_client_bars(results):
     import dataclasses
 

@@ -31,7 +31,7 @@ _HATCH = {"personal": "", "persistent": "xx", "global": "//", "kstep": "..", "ne
           "newcomer_global": "\\\\"}
 _KIND_LABEL = {"personal": "personal, synced", "persistent": "personal, persistent", "global": "global model",
                "kstep": "K-step", "newcomer": "newcomer, after joining", "newcomer_global": "newcomer, global model"}
-_MAX_PER_CLIENT_METHODS = 2  # panel 4: above this many methods or lines, only the headline (last) method is drawn
+_MAX_PER_CLIENT_METHODS = 2  # panel 4: above this many methods or lines, only one method is drawn (`_headline`)
 _MAX_PER_CLIENT_LINES = 16
 _MAX_BAR_SERIES = 8  # panel 5: above this, methods with personalized bars lose their global-model bars
 _LEGEND = dict(fontsize=8, framealpha=0.85)
@@ -165,6 +165,13 @@ def _client_ids(result: MethodResult) -> list[int]:
     return [c.client for c in result.clients]
 
 
+def _headline(with_data: list[tuple[MethodResult, dict]]) -> tuple[MethodResult, dict]:
+    """The method whose per-round curves say the most: the most evaluated rounds, the last listed among equals
+    (a one-round method such as local, listed last, would draw single points)."""
+    rounds = [max(len(pts) for pts in series.values()) for _, series in with_data]
+    return with_data[max(i for i, n in enumerate(rounds) if n == max(rounds))]
+
+
 def _panel_per_client(ax: Axes, results: Sequence[MethodResult], colors: dict[str, str]) -> None:
     with_data = [(r, _client_series(r)) for r in results]
     with_data = [(r, s) for r, s in with_data if s]
@@ -174,7 +181,7 @@ def _panel_per_client(ax: Axes, results: Sequence[MethodResult], colors: dict[st
         return
     n_lines = sum(len(s) for _, s in with_data)
     fits = len(with_data) <= _MAX_PER_CLIENT_METHODS and n_lines <= _MAX_PER_CLIENT_LINES
-    shown = with_data if fits else with_data[-1:]
+    shown = with_data if fits else [_headline(with_data)]
     single = len(shown) == 1
     client_style: dict[int, tuple[str, str]] = {}  # client id -> (line style, marker), shared by methods
     for r, series in shown:
