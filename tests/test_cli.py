@@ -52,13 +52,19 @@ def test_compare_writes_all_outputs(tmp_path, capsys):
         return sum(round(float(c[view]) * int(c["n_test"])) for c in clients if c["method"] == method)
 
     examples = sum(int(c["n_test"]) for c in clients if c["method"] == "fedavg")
+    answers = {m: [c[f"{'kstep' if m == 'fedavg' else 'personal'}_right"] for c in doc["methods"][m]["clients"]]
+               for m in ("fedavg", "dualtrack-naive", "fedslip")}  # results.json: each client's right answers
     for method in ("dualtrack-naive", "fedslip"):
         ours, avg = table[method], table["fedavg"]
         met = float(ours["personal_acc_mean"]) >= float(avg["kstep_acc_mean"]) - 1e-9
         net = right(method, "personal_acc") - right("fedavg", "kstep_acc")
+        pairs = [(a, b) for mine, theirs in zip(answers[method], answers["fedavg"]) for a, b in zip(mine, theirs)]
+        won, lost = pairs.count(("1", "0")), pairs.count(("0", "1"))
+        assert won - lost == net
         cell = (f"{100 * float(ours['personal_acc_mean']):.1f} vs {100 * float(avg['kstep_acc_mean']):.1f}: "
-                + ("met" if met else "NOT met") + f" (net {net:+d} of {examples:,} examples)")
-        assert f"| {method} | {cell} |" in goal
+                + ("met" if met else "NOT met") + f" (net {net:+d} of {examples:,} examples: {won} won, {lost} lost; "
+                "difference ")
+        assert f"| {method} | {cell}" in goal
     assert all(c["kstep_acc"] != "" for c in clients if c["method"] == "fedavg")
     assert all(c["kstep_acc"] == "" for c in clients if c["method"] == "fedslip")
     table = capsys.readouterr().out

@@ -6,6 +6,9 @@
 #   bash docs/paper/continue.sh report   the finished methods' comparison rendered by this checkout's code (goal
 #                                        check included) in runs/paper-report/; trains nothing; needs the
 #                                        torch the checkpoints were made with (2.13.0: the fingerprint holds it)
+#   bash docs/paper/continue.sh rescore  the same, in runs/paper-rescore/, after each finished method's final
+#                                        evaluation ran again from its checkpoint (`--rescore`: the clients'
+#                                        right answers for the paired goal check); minutes, not hours
 # From any folder, in a virtualenv with fedslip installed. Between docs/paper/carry/ and runs/paper/ the
 # checkpoint further along (more rounds; finished beats unfinished) wins, in both directions.
 set -euo pipefail
@@ -33,20 +36,22 @@ newer() {  # copy every checkpoint of $1 into $2 that is further along than $2's
 }
 
 if [ "${1:-}" = carry ]; then newer "$RUN" "$CARRY"; exit 0; fi
-if [ "${1:-}" = report ]; then
-  rm -rf runs/paper-report && mkdir -p runs/paper-report/state
+if [ "${1:-}" = report ] || [ "${1:-}" = rescore ]; then
+  OUT=runs/paper-$1
+  EXTRA=(); [ "$1" = rescore ] && EXTRA=(--rescore)
+  rm -rf "$OUT" && mkdir -p "$OUT/state"
   done_methods=()
   for m in ${METHODS//,/ }; do
     for f in "$RUN/$m.safetensors" "$CARRY/$m.safetensors"; do
       [ -f "$f" ] || continue
       n=$(progress "$f")  # odd when finished; an unreadable checkpoint stops the script
-      if [ $((n % 2)) -eq 1 ]; then cp "$f" runs/paper-report/state/; done_methods+=("$m"); break; fi
+      if [ $((n % 2)) -eq 1 ]; then cp "$f" "$OUT/state/"; done_methods+=("$m"); break; fi
     done
   done
   [ ${#done_methods[@]} -gt 0 ] || { echo "no finished method yet"; exit 2; }
   list=$(IFS=,; echo "${done_methods[*]}")
   HF_HUB_OFFLINE=1 fedslip compare --preset paper --methods "$list" --set train.precision='"fp32"' \
-    --data-dir "$DATA" --out runs/paper-report --resume
+    --data-dir "$DATA" --out "$OUT" --resume "${EXTRA[@]}"
   exit 0
 fi
 if pid=$(pgrep -f "fedslip compare --preset paper .*--out runs/paper --resume" | head -1) && [ -n "$pid" ]; then

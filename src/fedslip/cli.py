@@ -17,6 +17,10 @@ from fedslip.cli_common import (Parser, add_common, check_out, config_from_args,
 from fedslip.errors import UserError
 
 
+RESCORE = ("with --resume: a finished method's final evaluation runs again from its checkpoint (trains nothing), "
+           "e.g. for the per-example answers of train.eval_per_example that older runs lack")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="fedslip", description="Federated, personalized, parameter-efficient fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -24,12 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(run)
     run.add_argument("--method", help="method name (default fedslip; see `fedslip methods`)")
     run.add_argument("--resume", action="store_true", help="go on from the checkpoint in --out")
+    run.add_argument("--rescore", action="store_true", help=RESCORE)
     run.add_argument("--seeds", help="comma-separated seeds: one run per seed in --out/seed-<s>/, mean ± std")
     cmp_ = sub.add_parser("compare", help="run several methods on the same split and compare them")
     add_common(cmp_)
     cmp_.add_argument("--methods", default="local,fedavg,dualtrack-naive,fedslip",
                       help="comma-separated method names, or 'all'")
     cmp_.add_argument("--resume", action="store_true", help="go on from the checkpoints in --out")
+    cmp_.add_argument("--rescore", action="store_true", help=RESCORE)
     cmp_.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2: each seed its own split (the same for "
                       "every method) in --out/seed-<s>/; the top-level table and figure show mean ± std")
     sub.add_parser("methods", help="list the available methods")
@@ -52,6 +58,8 @@ def _execute(args, methods: list[str], out: Path) -> int:
     from fedslip.evaluation.tables import to_markdown
     from fedslip.federation.checkpoint import write_plan
 
+    if args.rescore and not args.resume:
+        raise UserError("--rescore scores a finished run's checkpoint again: add --resume (and the run's --out)")
     cfg = config_from_args(args, methods[0])
     if cfg.method.strategy.strip().lower() != "method":
         _need_flower(cfg.method.strategy)
@@ -59,6 +67,8 @@ def _execute(args, methods: list[str], out: Path) -> int:
     folders = {s: out / f"seed-{s}" for s in seeds} if seeds else {cfg.train.seed: out}
     with exclusive(out):
         check_out(args, out, list(folders.values()))
+        if args.rescore:
+            _all_finished(list(folders.values()), methods)
         for folder in folders.values():
             kept_together(folder, methods)
         for folder in folders.values():  # what `fedslip status` lists as still to come
@@ -70,6 +80,18 @@ def _execute(args, methods: list[str], out: Path) -> int:
         rows = per_seed[cfg.train.seed]
         print(with_goal(to_markdown(rows), goal_rows(rows)), end="")
     return 0
+
+
+def _all_finished(folders: list[Path], methods: list[str]) -> None:
+    """--rescore trains nothing: refuse (one line) where a method has not finished."""
+    from fedslip.federation import checkpoint
+
+    for folder in folders:
+        paths = {m: checkpoint.path_for(folder, m) for m in methods}
+        unfinished = [m for m, p in paths.items() if not (p.exists() and checkpoint.read_meta(p)["finished"])]
+        if unfinished:
+            raise UserError(f"--rescore: {', '.join(unfinished)} in {folder} has not finished (--rescore trains "
+                            "nothing): leave out --rescore to go on with it, or leave it out of --methods")
 
 
 def _seeds(args, cfg, methods: list[str], folders: dict[int, Path], seeds: list[int] | None) -> dict[int, list[dict]]:
@@ -115,7 +137,7 @@ def _compare(args, cfg, methods: list[str], out: Path, console, progress):
     paths = resumable(out, prep, methods)
     runs = []
     for method in chosen:  # the outputs after each method: a long comparison shows what is done as it goes
-        runs.append(Simulation(prep, method, progress).run(paths[method.name], args.resume))
+        runs.append(Simulation(prep, method, progress).run(paths[method.name], args.resume, args.rescore))
         write_outputs(out, prep, runs)
         to_come = methods[len(runs):]
         console.print(f"wrote {out}/: results.json rounds.csv clients.csv ledger.csv comparison.md comparison.csv "
@@ -145,7 +167,8 @@ def _write_seed_summary(out: Path, per_seed: dict[int, list[dict]], methods: lis
     with staged(out) as stage:
         (stage / "comparison.md").write_text(text, encoding="utf-8")
         summary.write_csv(rows, stage / "comparison.csv")
-        write_dicts([{"seed": s, **r} for s, rs in per_seed.items() for r in rs], stage / "seeds.csv")
+        write_dicts([{"seed": s, **{k: v for k, v in r.items() if not k.endswith("_right")}}
+                     for s, rs in per_seed.items() for r in rs], stage / "seeds.csv")
         save_figure(summary.build_figure(rows, f"{', '.join(methods)} · seeds {', '.join(map(str, per_seed))}"),
                     stage / "figure.png")
     print(text, end="")

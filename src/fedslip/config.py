@@ -77,6 +77,9 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 1  # evaluate every k rounds (the last round is always evaluated)
     eval_batch_size: int = 128
+    # the final evaluation: clients also report which of their own test examples the personal (synced) and
+    # K-step views got right, for the goal check's paired comparison; false: only accuracies leave a client
+    eval_per_example: bool = True
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA and on CPUs where a timed probe finds it faster) | fp32 | bf16
     checkpoint_every: int = 1  # rounds between checkpoints (and always after the last)

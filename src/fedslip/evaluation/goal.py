@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import numpy as np
+
 from fedslip.evaluation.tables import _md_table, percent
 
 GLOBAL_SLACK = 0.005  # half a point of accuracy
@@ -16,6 +18,9 @@ HEADING = ("Goal: personal (synced) ≥ fedavg's K-step, global ≥ fedavg's −
 
 # the accuracies that are counts of client test examples (`comparison_rows`): (right, of how many)
 CORRECT = {"personal_acc_mean": "personal_acc_correct", "kstep_acc_mean": "kstep_acc_correct"}
+# the same, example by example ("0"/"1" per test example, per client): for the paired comparison
+RIGHT = {"personal_acc_mean": "personal_acc_right", "kstep_acc_mean": "kstep_acc_right"}
+RESAMPLES = 2000  # bootstrap resamples of the paired comparison
 # (name, the candidate's key, fedavg's key, slack): met when candidate ≥ fedavg's − slack (bytes: ≤)
 PARTS = [("personal vs K-step", "personal_acc_mean", "kstep_acc_mean", 0.0),
          ("global", "global_acc", "global_acc", GLOBAL_SLACK),
@@ -47,6 +52,26 @@ def _pair(part: str, ours: float, theirs: float) -> tuple[str, str]:
     return _fmt(part, ours, extra), _fmt(part, theirs, extra)
 
 
+def paired(ours: Sequence[str], theirs: Sequence[str]) -> dict | None:
+    """Two views scored on the same clients' test examples: how many examples only ours got right (`won`),
+    only theirs (`lost`), and the 95 % bootstrap interval of the difference in mean client accuracy
+    (`low`, `high`), resampling each client's test examples. The models are held fixed: the interval is
+    what the test sets' size leaves uncertain, not what another training seed would change. None when the
+    two do not cover the same examples."""
+    if not ours or len(ours) != len(theirs) or any(len(a) != len(b) or not a for a, b in zip(ours, theirs)):
+        return None
+    gen = np.random.default_rng(0)  # the same interval every time the same answers are compared
+    diffs, won, lost = np.zeros(RESAMPLES), 0, 0
+    for a, b in zip(ours, theirs):
+        d = np.array([int(x) - int(y) for x, y in zip(a, b)])
+        won, lost = won + int((d > 0).sum()), lost + int((d < 0).sum())
+        for start in range(0, RESAMPLES, 250):  # bounded memory on large test sets
+            n = min(250, RESAMPLES - start)
+            diffs[start:start + n] += d[gen.integers(0, len(d), size=(n, len(d)))].mean(axis=1)
+    low, high = np.quantile(diffs / len(ours), [0.025, 0.975])
+    return {"won": won, "lost": lost, "low": float(low), "high": float(high)}
+
+
 def goal_rows(rows: Sequence[Mapping], per_seed: Mapping[int, Sequence[Mapping]] | None = None) -> list[dict]:
     """Per candidate: each part's values, whether the mean meets it and (with `per_seed`) on how many seeds.
     Empty when `rows` lack fedavg with its K-step accuracy or a personalizing method with a global model."""
@@ -62,6 +87,10 @@ def goal_rows(rows: Sequence[Mapping], per_seed: Mapping[int, Sequence[Mapping]]
             counts = row.get(CORRECT.get(ours, "")), fedavg.get(CORRECT.get(theirs, ""))
             if None not in counts and counts[0][1] == counts[1][1]:  # the same clients' test examples
                 entry["net"], entry["examples"] = counts[0][0] - counts[1][0], counts[0][1]
+            if not per_seed and ours in RIGHT:  # over seeds, the seed counts say how sure the means are
+                pair = paired(row.get(RIGHT[ours]) or [], fedavg.get(RIGHT[theirs]) or [])
+                if pair is not None:
+                    entry["paired"] = pair
             if per_seed:
                 pairs = [(next((r for r in rs if r["method"] == row["method"]), None),
                           next((r for r in rs if r["method"] == "fedavg"), None)) for rs in per_seed.values()]
@@ -82,10 +111,24 @@ def to_markdown(goals: Sequence[dict]) -> str:
         ours, theirs = _pair(p["part"], p["ours"], p["fedavg"])
         text = f"{ours} vs {theirs}: {'met' if p['met'] else 'NOT met'}"
         if "net" in p:  # how many test examples the difference is: one example may decide it
-            text += f" (net {p['net']:+d} of {p['examples']:,} examples)"
+            text += f" (net {p['net']:+d} of {p['examples']:,} examples"
+            if "paired" in p:
+                q = p["paired"]
+                text += (f": {q['won']} won, {q['lost']} lost; difference "
+                         f"{100 * q['low']:+.1f} to {100 * q['high']:+.1f} points, 95 % interval")
+            text += ")"
         return text + (f" ({p['seeds_met']} of {p['seeds']} seeds)" if "seeds" in p else "")
 
     seeds = "seeds" in goals[0]["parts"][0]
     header = ["Method"] + [p["part"] for p in goals[0]["parts"]] + ["all three" + (" (means)" if seeds else "")]
     body = [[g["method"]] + [cell(p) for p in g["parts"]] + ["met" if g["met"] else "NOT met"] for g in goals]
-    return HEADING + "\n\n" + _md_table(header, body, [":---"] + ["---:"] * (len(header) - 1))
+    table = HEADING + "\n\n" + _md_table(header, body, [":---"] + ["---:"] * (len(header) - 1))
+    if any("paired" in p for g in goals for p in g["parts"]):
+        table += "\n" + PAIRED_NOTE + "\n"
+    return table
+
+
+PAIRED_NOTE = ("won / lost: test examples only the method's personal view / only fedavg's K-step got right. The "
+               "interval resamples each client's test examples with the models fixed (bootstrap, "
+               f"{RESAMPLES:,} resamples): one that spans 0 means these test sets cannot tell the two apart. "
+               "It does not include what another training seed would change.")

@@ -15,9 +15,10 @@ from fedslip.model.adapted import AdaptedModel, Tensors
 
 
 @torch.inference_mode()
-def group_accuracy(model: AdaptedModel, view: Tensors, mode: str, encoded: Encoded, groups: list[np.ndarray],
-                   batch_size: int) -> list[float]:
-    """Load `view`, predict every example of the union of `groups` once, return each group's accuracy."""
+def right_answers(model: AdaptedModel, view: Tensors, mode: str, encoded: Encoded, groups: list[np.ndarray],
+                  batch_size: int) -> list[np.ndarray]:
+    """Load `view`, predict every example of the union of `groups` once, return for each group which of its
+    examples (in the group's order) were predicted right."""
     model.load(view)
     everything = np.unique(np.concatenate(groups))
     correct = np.zeros(len(encoded.labels), dtype=bool)
@@ -25,7 +26,18 @@ def group_accuracy(model: AdaptedModel, view: Tensors, mode: str, encoded: Encod
         for batch in encoded.eval_batches(everything, batch_size):
             pred = model.logits(batch.input_ids, batch.attention_mask).argmax(-1)
             correct[batch.index] = (pred.cpu() == batch.labels).numpy()
-    return [float(correct[g].mean()) for g in groups]
+    return [correct[g] for g in groups]
+
+
+def group_accuracy(model: AdaptedModel, view: Tensors, mode: str, encoded: Encoded, groups: list[np.ndarray],
+                   batch_size: int) -> list[float]:
+    """Each group's accuracy (`right_answers`)."""
+    return [float(r.mean()) for r in right_answers(model, view, mode, encoded, groups, batch_size)]
+
+
+def as_bits(right: np.ndarray) -> str:
+    """Which examples were right, as a string of 0 and 1 (what a client reports: `train.eval_per_example`)."""
+    return "".join("1" if r else "0" for r in right)
 
 
 def scored(value: float | None) -> bool:

@@ -39,6 +39,10 @@ class ClientRecord:
     held_out: bool = False  # partition.holdout_clients: never trained; joined once after the last round
     newcomer_acc: float | None = None  # held out: its model after joining (the method's join_view)
     newcomer_global_acc: float | None = None  # held out: the final global model on its test set
+    # which test examples the personal (synced) and K-step views got right: "0"/"1" per example, in the
+    # client's test order (train.eval_per_example); in results.json, not in clients.csv
+    personal_right: str | None = None
+    kstep_right: str | None = None
 
 
 @dataclass

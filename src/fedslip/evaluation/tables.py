@@ -101,7 +101,8 @@ ZERO_HIDDEN = {"failed_uploads", "rejected_uploads"}
 def comparison_rows(results: Sequence[MethodResult]) -> list[dict]:
     """One row per method: `method` plus every key of `COLUMNS`, raw values, None where not measured; and, for
     the goal check (not a column), `<view>_correct`: the test examples each client view got right, summed over
-    the training clients, where every one of them has that view."""
+    the training clients, where every one of them has that view; `<view>_right`: each training client's right
+    answers ("0"/"1" per test example), where every one of them reported them (`train.eval_per_example`)."""
     rows = []
     for result in results:
         row: dict = {"method": result.method}
@@ -113,6 +114,9 @@ def comparison_rows(results: Sequence[MethodResult]) -> list[dict]:
             if trained and all(a is not None and math.isfinite(a) for a in accs):
                 row[f"{view}_correct"] = (sum(round(a * c.n_test) for a, c in zip(accs, trained)),
                                           sum(c.n_test for c in trained))
+            bits = [getattr(c, view.replace("_acc", "_right")) for c in trained]
+            if trained and all(bits):
+                row[f"{view}_right"] = bits
         rows.append(row)
     return rows
 

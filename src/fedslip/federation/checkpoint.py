@@ -78,7 +78,8 @@ def comparable(saved: dict, now: dict) -> tuple[dict, dict]:
     naming what it resolved to is no change). The data's paths are left out where both sides digest the data
     (checkpoints made before the digest compare the paths, resolved), the backbone's name where both digest
     its weights; what a checkpoint made before it was recorded lacks ("transformers", "targets") is not
-    compared."""
+    compared, nor what the clients report beside their accuracies (`train.eval_per_example`: no number
+    depends on it)."""
     saved, now = copy.deepcopy(saved), copy.deepcopy(now)
     by_content = saved.get("data") is not None and now.get("data") is not None
     if saved.get("backbone") is not None and now.get("backbone") is not None:
@@ -90,7 +91,7 @@ def comparable(saved: dict, now: dict) -> tuple[dict, dict]:
             now.pop(key, None)
     for fp in (saved, now):
         cfg = fp.get("config", {})
-        for key in ("device", "precision"):
+        for key in ("device", "precision", "eval_per_example"):
             cfg.get("train", {}).pop(key, None)
         data = cfg.get("data", {})
         for key in PATH_KEYS:

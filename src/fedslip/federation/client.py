@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from fedslip.config import Config
-from fedslip.evaluation.metrics import group_accuracy
+from fedslip.evaluation.metrics import as_bits, group_accuracy, right_answers
 from fedslip.federation.exchange import TRAIN, Answer, EvalAsk, Payload, Request
 from fedslip.methods.base import ClientData, ClientState, Method
 from fedslip.model.adapted import AdaptedModel
@@ -49,13 +49,22 @@ class ClientSide:
             answer.metrics = {"num-examples": len(data), **{k: float(v) for k, v in metrics.items()}}
         return answer, state
 
-    def evaluate(self, cid: int, down: Payload, state: ClientState, ask: EvalAsk) -> dict[str, float]:
+    def evaluate(self, cid: int, down: Payload, state: ClientState, ask: EvalAsk) -> dict[str, float | str]:
+        """Accuracies by view; at the final evaluation (`ask.kstep`) with `train.eval_per_example`, also the
+        personal and K-step views' right answers on the client's test set (`personal-right`, `kstep-right`)."""
         if ask.join:
             return self.join(cid, down, state)
         method, model, prep = self.method, self.model, self.prep
         bs = self.cfg.train.eval_batch_size
         own = prep.split.test[cid]
-        out: dict[str, float] = {}
+        out: dict[str, float | str] = {}
+        bits = ask.kstep and self.cfg.train.eval_per_example
+
+        def score(key: str, view, mode: str) -> None:
+            right = right_answers(model, view, mode, prep.test, [own], bs)[0]
+            out[f"{key}-acc"] = float(right.mean())
+            if bits:
+                out[f"{key}-right"] = as_bits(right)
         view = method.global_view(model, down, state)
         if view is not None:
             if ask.global_test and len(prep.split.global_test):
@@ -64,15 +73,14 @@ class ClientSide:
             else:
                 out["client-acc"] = group_accuracy(model, view, "global", prep.test, [own], bs)[0]
         if method.personalizes:
-            out["personal-acc"] = group_accuracy(model, method.personal_view(model, down, state), "both",
-                                                 prep.test, [own], bs)[0]
+            score("personal", method.personal_view(model, down, state), "both")
         persistent = method.persistent_view(model, down, state)
         if persistent is not None:
             out["persistent-acc"] = group_accuracy(model, persistent, "both", prep.test, [own], bs)[0]
         if ask.kstep and hasattr(method, "kstep_view") and self.cfg.method.kstep:
             torch.manual_seed(derive(self.seed, "kstep-dropout", cid))
             kview = method.kstep_view(model, down, state, self.data(cid, 0))
-            out["kstep-acc"] = group_accuracy(model, kview, "global", prep.test, [own], bs)[0]
+            score("kstep", kview, "global")
         return out
 
     def join(self, cid: int, down: Payload, state: ClientState) -> dict[str, float]:

@@ -49,7 +49,8 @@ class Answer:
 
     upload: Payload | None = None  # train requests only
     metrics: dict[str, float] = field(default_factory=dict)  # num-examples, loss, ...
-    evaluation: dict[str, float] | None = None  # client-acc, personal-acc, global-acc, kstep-acc
+    # client-acc, personal-acc, global-acc, kstep-acc, ...; personal-right/kstep-right: a string of 0/1 per test example
+    evaluation: dict[str, float | str] | None = None
 
 
 @dataclass

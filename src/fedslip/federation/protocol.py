@@ -17,6 +17,7 @@ never aggregated, not in the rounds' per-client lists. After the final evaluatio
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import signal
@@ -96,8 +97,10 @@ class RoundProtocol:
         self.aggregation = strategy_aggregation(method)
         self.pending: RoundRecord | None = None  # a round awaiting its evaluation
         self.kstep: dict[int, float] = {}
+        self.right: dict[int, dict[str, str]] = {}  # the final evaluation's right answers by client and view
         self.round_seconds: dict[int, float] = {}  # each round's wall time (for `fedslip status`'s pace)
         self.current_round = 0
+        self.states_restored = False  # `restore` put the clients' states from its checkpoint in this process
         self.global_test_everywhere = False  # every client scores the global test set it may hold
 
     # --- one round ------------------------------------------------------------------------------------
@@ -209,6 +212,25 @@ class RoundProtocol:
         record.eval_mib = self.ledger.mib_round(record.round, kind="eval")
         record.evaluated = True
         self.kstep = {k: float(a["kstep-acc"]) for k, a in answers.items() if "kstep-acc" in a}
+        self.right = {k: right for k, a in answers.items() if (right := self._right_answers(k, a))}
+
+    def _right_answers(self, cid: int, answer: dict) -> dict[str, str]:
+        """A client's reported right answers by view ("personal", "kstep"), each kept only when it is one 0 or 1
+        per test example and agrees with the accuracy reported beside it (else a warning, and no paired
+        comparison for that view)."""
+        out = {}
+        n = int(self.prep.clients[cid]["n_test"])
+        for view in ("personal", "kstep"):
+            bits, acc = answer.get(f"{view}-right"), answer.get(f"{view}-acc")
+            if bits is None:
+                continue
+            if (isinstance(bits, str) and len(bits) == n and set(bits) <= {"0", "1"} and acc is not None
+                    and bits.count("1") == round(float(acc) * n)):
+                out[view] = bits
+            else:
+                warn(f"{self.method.name}: client {cid}'s {view}-right is not one 0/1 per test example "
+                     f"matching its {view}-acc; left out of the paired comparison")
+        return out
 
     def finish(self) -> None:
         """Evaluate the last round (every client gets the final model, with K-step where the method has it),
@@ -241,9 +263,11 @@ class RoundProtocol:
             bar.done()
 
     # --- a whole run ----------------------------------------------------------------------------------
-    def run(self, checkpoint: Path | None = None, resume: bool = False) -> tuple[MethodResult, Ledger]:
+    def run(self, checkpoint: Path | None = None, resume: bool = False,
+            rescore: bool = False) -> tuple[MethodResult, Ledger]:
         """All rounds; with `checkpoint`, one after every `train.checkpoint_every` rounds and at the end.
-        `resume`: go on from that checkpoint (a finished one returns its result at once)."""
+        `resume`: go on from that checkpoint (a finished one returns its result at once; with `rescore`, after
+        its final evaluation runs again: `rescore`)."""
         start = time.perf_counter()
         result = MethodResult(method=self.method.name)
         rounds = self.method.rounds()
@@ -251,7 +275,7 @@ class RoundProtocol:
         if resume and checkpoint is not None and checkpoint.exists():
             finished, result, done_before = self.restore(checkpoint)
             if finished:
-                return result, self.ledger
+                return (self.rescore(result, checkpoint) if rescore else result), self.ledger
         bar = self.progress.task(f"{self.method.name}: rounds", rounds, self.round_costs())
         for _ in result.rounds:
             bar.advance()
@@ -277,6 +301,31 @@ class RoundProtocol:
             self.save(checkpoint, result, result.wall_time_s, finished=True)
         return result, self.ledger
 
+    def rescore(self, result: MethodResult, checkpoint: Path) -> MethodResult:
+        """A finished run's final evaluation once more, from the models in its checkpoint: every client scores
+        the final global model with its own state (K-step included), held-out clients join again; then the
+        checkpoint holds the new scores. For what a run made before it lacks (`train.eval_per_example`'s right
+        answers). Nothing trains, nothing new is counted as sent; a recorded score the new one does not
+        reproduce gets a warning (other hardware or code)."""
+        if not self.states_restored:
+            raise UserError(f"--rescore: {checkpoint} holds no clients' states (a Flower run keeps them on its "
+                            "nodes): only an in-process run can be scored again from its checkpoint")
+        before = result_scores(result)
+        ledger = copy.deepcopy(self.ledger)
+        self.pending, self.newcomers = result.rounds[-1], None
+        self.finish()  # counts the downloads of the evaluation and the join again: the ledger as it was, below
+        self.ledger = ledger  # the evaluation's downloads were counted when the run finished
+        last = result.rounds[-1]
+        last.eval_mib = self.ledger.mib_round(last.round, kind="eval")
+        result.clients = self.client_records(last)
+        result.final = summarize(result, self.ledger)
+        changed = [k for k, v in result_scores(result).items() if not _same(v, before.get(k))]
+        if changed:
+            warn(f"{self.method.name}: scored again from {checkpoint}, {len(changed)} score(s) differ from the "
+                 f"recorded ones (e.g. {changed[0]}: {before.get(changed[0])} → {result_scores(result)[changed[0]]})")
+        self.save(checkpoint, result, result.wall_time_s, finished=True)
+        return result
+
     # --- checkpoints ----------------------------------------------------------------------------------
     def client_states(self):
         """The clients' private states where this process holds them (in-process), else None (nodes)."""
@@ -286,6 +335,7 @@ class RoundProtocol:
         meta = {"fingerprint": fingerprint(self.prep, self.method.name), "finished": finished,
                 "rounds": rounds_to_json(result.rounds), "ledger": ledger_to_json(self.ledger),
                 "pending": self.pending.round if self.pending else None, "kstep": self.kstep,
+                "right": self.right,
                 "wall_time_s": wall_time_s, "round_costs": self.round_costs(),
                 "round_seconds": {str(r): t for r, t in self.round_seconds.items() if r <= len(result.rounds)},
                 "compute": compute_kind(self.prep.backbone.placement.device),
@@ -307,7 +357,8 @@ class RoundProtocol:
                 "on Flower (the clients' states are on its nodes)"
             raise UserError(f"{path} was made {made}: resume it with the same runtime")
         self.glob = glob
-        if clients is not None and here:
+        self.states_restored = clients is not None and here
+        if self.states_restored:
             self.transport.states[:] = clients
             if not meta["finished"]:  # a finished run trains nothing more here
                 self.warn_other_compute(path, meta.get("compute"))
@@ -315,6 +366,7 @@ class RoundProtocol:
         rounds = rounds_from_json(meta["rounds"])
         self.pending = next((r for r in rounds if r.round == meta["pending"]), None)
         self.kstep = {int(k): v for k, v in meta["kstep"].items()}
+        self.right = {int(k): v for k, v in meta.get("right", {}).items()}
         self.round_seconds = {int(r): t for r, t in meta.get("round_seconds", {}).items()}
         if self.aggregation is not None:
             self.aggregation.restore(meta["server"], meta.get("strategy_state", {}))
@@ -354,6 +406,8 @@ class RoundProtocol:
         trained = [ClientRecord(**sizes(k), client_acc=_finite(last.client_acc[k]) if last.client_acc else None,
                                 personal_acc=_finite(last.personal_acc[k]) if last.personal_acc else None,
                                 kstep_acc=self.kstep.get(k),
+                                personal_right=self.right.get(k, {}).get("personal"),
+                                kstep_right=self.right.get(k, {}).get("kstep"),
                                 persistent_acc=_finite(last.persistent_acc[k]) if last.persistent_acc else None)
                    for k in range(self.n_clients)]
         joined = self.newcomers or {}
@@ -361,6 +415,20 @@ class RoundProtocol:
                                        newcomer_acc=joined.get(k, {}).get("newcomer-acc"),
                                        newcomer_global_acc=joined.get(k, {}).get("newcomer-global-acc"))
                           for k in range(self.n_clients, self.n_total)]
+
+
+def result_scores(result: MethodResult) -> dict[str, float | None]:
+    """Every final score of a result by name: the global accuracy and each client's accuracies."""
+    scores: dict[str, float | None] = {"global_acc": result.rounds[-1].global_acc}
+    for c in result.clients:
+        for key in ("client_acc", "personal_acc", "persistent_acc", "kstep_acc", "newcomer_acc",
+                    "newcomer_global_acc"):
+            scores[f"client {c.client} {key}"] = getattr(c, key)
+    return scores
+
+
+def _same(a: float | None, b: float | None) -> bool:
+    return a == b or (a is not None and b is not None and math.isnan(a) and math.isnan(b))
 
 
 def _finite(x: float | None) -> float | None:
