@@ -97,6 +97,9 @@ def test_restarted_node_resumes_private_state_from_disk(pair, tiny_prep, tmp_pat
     fl_clients = json.loads((out / "results.json").read_text())["methods"]["fedslip"]["clients"]
     for c, ref in zip(fl_clients, pair["result"].clients, strict=True):
         assert abs(c["personal_acc"] - ref.personal_acc) <= 1.0 / ref.n_test + 1e-9
+        # the right answers crossed the Flower messages too, one per test example, as many as the accuracy says
+        right = c["personal_right"]
+        assert len(right) == c["n_test"] and right.count("1") == round(c["personal_acc"] * c["n_test"])
     # the private track on disk is the in-process engine's private track of that client
     state, meta = load_state_file(tmp_path / "node2" / "run-12-partition-2.safetensors")
     assert meta["round"] == 2

@@ -90,7 +90,8 @@ def answer_content(answer: Answer) -> RecordDict:
     if answer.upload is not None:
         content[ARRAYS] = payload_to_record(answer.upload)
     if answer.evaluation is not None:
-        content[EVALUATION] = ConfigRecord({k: v if isinstance(v, str) else float(v) for k, v in answer.evaluation.items()})
+        content[EVALUATION] = ConfigRecord({k: v if isinstance(v, str) else float(v)  # right answers: strings
+                                            for k, v in answer.evaluation.items()})
     return content
 
 
