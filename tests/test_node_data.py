@@ -64,7 +64,9 @@ def test_node_data_run_matches_the_split_run_and_the_server_reads_no_data(tiny_p
     # every load was a node reading its own files (the global test file read on its own)
     assert set(loads) == {str(paths[f"client{k}/train"]) for k in range(4)} | {str(paths["global_test"])}
     # a class a node's training file lacks may be another node's: no "no client can learn it" warning
-    assert "no client can learn" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no client can learn" not in err
+    assert "-right" not in err  # the nodes' right answers fit the test sizes they reported
     for a, b in zip(server.history, sim_history, strict=True):
         assert_same_state(a, b)
     doc = json.loads((tmp_path / "out" / "results.json").read_text())["methods"]["fedslip"]
@@ -73,6 +75,7 @@ def test_node_data_run_matches_the_split_run_and_the_server_reads_no_data(tiny_p
         assert (mine["n_train"], mine["n_test"], mine["dominant_label"]) == \
             (theirs.n_train, theirs.n_test, theirs.dominant_label)
         assert abs(mine["personal_acc"] - theirs.personal_acc) <= 1 / n_test + 1e-9
+        assert len(mine["personal_right"]) == theirs.n_test
     n_global = len(tiny_prep.split.global_test)  # the states agree to float tolerance: one example may flip
     assert abs(doc["final"]["global_acc"] - expected.final["global_acc"]) <= 1 / n_global + 1e-9
 

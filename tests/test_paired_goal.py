@@ -120,17 +120,22 @@ def test_with_eval_per_example_off_only_accuracies_leave_the_clients(tiny_prep):
 
 
 class Reported:
-    """Just what `_right_answers` reads of a protocol: the clients' test sizes and the method's name."""
+    """Just what `_right_answers` reads of a protocol: a client's test size and the method's name."""
 
     def __init__(self, n_test: int):
-        self.prep = type("P", (), {"clients": [{"n_test": n_test}]})()
+        self.n_test = n_test
         self.method = type("M", (), {"name": "fedslip-plus"})()
 
+    def test_size(self, cid: int) -> int:
+        return self.n_test
 
-@pytest.mark.parametrize("bad", ["10", "1021", "1111", 1101, "11 1"])
-def test_a_report_that_does_not_fit_its_test_set_or_its_accuracy_is_left_out(bad, capsys):
-    """4 test examples, accuracy 0.75: too short, not 0/1, disagreeing with the accuracy, not a string."""
-    answer = {"personal-acc": 0.75, "personal-right": bad, "kstep-acc": 0.5, "kstep-right": "0101"}
+
+@pytest.mark.parametrize("bad,acc", [("10", 0.75), ("1021", 0.75), ("1111", 0.75), (1101, 0.75), ("11 1", 0.75),
+                                     ("1101", float("nan")), ("1101", float("inf")), ("1101", "0.75")])
+def test_a_report_that_does_not_fit_its_test_set_or_its_accuracy_is_left_out(bad, acc, capsys):
+    """4 test examples: too short, not 0/1, disagreeing with the accuracy, not a string; an accuracy that is
+    not a finite number (a client's report is checked, it does not stop the server)."""
+    answer = {"personal-acc": acc, "personal-right": bad, "kstep-acc": 0.5, "kstep-right": "0101"}
     kept = RoundProtocol._right_answers(Reported(4), 0, answer)
     assert kept == {"kstep": "0101"}
     assert "personal-right" in capsys.readouterr().err

@@ -42,6 +42,24 @@ def test_a_score_the_models_do_not_reproduce_is_reported(tmp_path, capsys):
     save(path, glob, clients, meta)
     code, err = fedslip(out, ["run", "--method", "fedavg", "--rescore"], resume=True, capsys=capsys)
     assert code == 0 and "1 score(s) differ" in err and "client 0 kstep_acc: 0.123 →" in err
+    kept = path.with_name(path.name + ".before-rescore")  # the recorded scores are not lost
+    assert f"kept in {kept}" in err and load(kept)[2]["result"]["clients"][0]["kstep_acc"] == 0.123
+    assert load(path)[2]["result"]["clients"][0]["kstep_acc"] != 0.123
+
+
+def test_a_flower_checkpoint_is_refused_before_anything_is_scored(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert fedslip(out, ["compare", "--methods", "fedavg"], capsys=capsys)[0] == 0
+    path = path_for(out, "fedavg")
+    glob, _, meta = load(path)
+    save(path, glob, None, meta)  # as a Flower run saves it: no clients' states
+    def written():  # every file and its last change, but the lock a run takes on its folder
+        return {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.name != ".fedslip.lock"}
+
+    listing = written()
+    code, err = fedslip(out, ["compare", "--methods", "fedavg", "--rescore"], resume=True, capsys=capsys)
+    assert code == 2 and "ran on Flower" in err and len(err.strip().splitlines()) == 1
+    assert written() == listing
 
 
 def test_rescore_needs_resume_and_finished_methods(tmp_path, capsys):
@@ -52,5 +70,5 @@ def test_rescore_needs_resume_and_finished_methods(tmp_path, capsys):
     assert fedslip(out, ["compare", "--methods", "fedavg"], capsys=capsys)[0] == 0
     listing = sorted(p.name for p in out.rglob("*"))
     code, err = fedslip(out, ["compare", "--methods", "fedavg,fedslip", "--rescore"], resume=True, capsys=capsys)
-    assert code == 2 and "fedslip" in err and "has not finished" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "fedslip" in err and "has no finished checkpoint" in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in out.rglob("*")) == listing  # nothing written

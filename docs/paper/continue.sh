@@ -51,7 +51,7 @@ if [ "${1:-}" = report ] || [ "${1:-}" = rescore ]; then
   [ ${#done_methods[@]} -gt 0 ] || { echo "no finished method yet"; exit 2; }
   list=$(IFS=,; echo "${done_methods[*]}")
   HF_HUB_OFFLINE=1 fedslip compare --preset paper --methods "$list" --set train.precision='"fp32"' \
-    --data-dir "$DATA" --out "$OUT" --resume "${EXTRA[@]}"
+    --data-dir "$DATA" --out "$OUT" --resume ${EXTRA[@]+"${EXTRA[@]}"}
   exit 0
 fi
 if pid=$(pgrep -f "fedslip compare --preset paper .*--out runs/paper --resume" | head -1) && [ -n "$pid" ]; then

@@ -87,11 +87,15 @@ def _all_finished(folders: list[Path], methods: list[str]) -> None:
     from fedslip.federation import checkpoint
 
     for folder in folders:
-        paths = {m: checkpoint.path_for(folder, m) for m in methods}
-        unfinished = [m for m, p in paths.items() if not (p.exists() and checkpoint.read_meta(p)["finished"])]
+        metas = {m: checkpoint.read_meta(p) for m in methods if (p := checkpoint.path_for(folder, m)).exists()}
+        unfinished = [m for m in methods if not metas.get(m, {}).get("finished")]
         if unfinished:
-            raise UserError(f"--rescore: {', '.join(unfinished)} in {folder} has not finished (--rescore trains "
-                            "nothing): leave out --rescore to go on with it, or leave it out of --methods")
+            raise UserError(f"--rescore: {', '.join(unfinished)} in {folder} has no finished checkpoint (--rescore "
+                            "trains nothing): leave out --rescore to go on with it, or leave it out of --methods")
+        on_nodes = [m for m, meta in metas.items() if not meta.get("has_clients")]
+        if on_nodes:
+            raise UserError(f"--rescore: {', '.join(on_nodes)} in {folder} ran on Flower (its clients' states are "
+                            "on its nodes): only an in-process run can be scored again from its checkpoint")
 
 
 def _seeds(args, cfg, methods: list[str], folders: dict[int, Path], seeds: list[int] | None) -> dict[int, list[dict]]:

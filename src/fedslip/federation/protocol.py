@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import shutil
 import signal
 import time
 from dataclasses import asdict
@@ -214,18 +215,22 @@ class RoundProtocol:
         self.kstep = {k: float(a["kstep-acc"]) for k, a in answers.items() if "kstep-acc" in a}
         self.right = {k: right for k, a in answers.items() if (right := self._right_answers(k, a))}
 
+    def test_size(self, cid: int) -> int:
+        """How many test examples client `cid` holds."""
+        return int(self.prep.clients[cid]["n_test"])
+
     def _right_answers(self, cid: int, answer: dict) -> dict[str, str]:
         """A client's reported right answers by view ("personal", "kstep"), each kept only when it is one 0 or 1
         per test example and agrees with the accuracy reported beside it (else a warning, and no paired
         comparison for that view)."""
         out = {}
-        n = int(self.prep.clients[cid]["n_test"])
+        n = self.test_size(cid)
         for view in ("personal", "kstep"):
             bits, acc = answer.get(f"{view}-right"), answer.get(f"{view}-acc")
             if bits is None:
                 continue
-            if (isinstance(bits, str) and len(bits) == n and set(bits) <= {"0", "1"} and acc is not None
-                    and bits.count("1") == round(float(acc) * n)):
+            if (isinstance(bits, str) and len(bits) == n and set(bits) <= {"0", "1"}
+                    and isinstance(acc, (int, float)) and math.isfinite(acc) and bits.count("1") == round(acc * n)):
                 out[view] = bits
             else:
                 warn(f"{self.method.name}: client {cid}'s {view}-right is not one 0/1 per test example "
@@ -304,7 +309,7 @@ class RoundProtocol:
     def rescore(self, result: MethodResult, checkpoint: Path) -> MethodResult:
         """A finished run's final evaluation once more, from the models in its checkpoint: every client scores
         the final global model with its own state (K-step included), held-out clients join again; then the
-        checkpoint holds the new scores. For what a run made before it lacks (`train.eval_per_example`'s right
+        checkpoint holds the new scores (where one differs, a copy of it as it was is kept beside it). For what a run made before it lacks (`train.eval_per_example`'s right
         answers). Nothing trains, nothing new is counted as sent; a recorded score the new one does not
         reproduce gets a warning (other hardware or code)."""
         if not self.states_restored:
@@ -321,8 +326,11 @@ class RoundProtocol:
         result.final = summarize(result, self.ledger)
         changed = [k for k, v in result_scores(result).items() if not _same(v, before.get(k))]
         if changed:
+            kept = checkpoint.with_name(checkpoint.name + ".before-rescore")
+            shutil.copy2(checkpoint, kept)
             warn(f"{self.method.name}: scored again from {checkpoint}, {len(changed)} score(s) differ from the "
-                 f"recorded ones (e.g. {changed[0]}: {before.get(changed[0])} → {result_scores(result)[changed[0]]})")
+                 f"recorded ones (e.g. {changed[0]}: {before.get(changed[0])} → {result_scores(result)[changed[0]]}); "
+                 f"the checkpoint as it was is kept in {kept}")
         self.save(checkpoint, result, result.wall_time_s, finished=True)
         return result
 
@@ -335,7 +343,6 @@ class RoundProtocol:
         meta = {"fingerprint": fingerprint(self.prep, self.method.name), "finished": finished,
                 "rounds": rounds_to_json(result.rounds), "ledger": ledger_to_json(self.ledger),
                 "pending": self.pending.round if self.pending else None, "kstep": self.kstep,
-                "right": self.right,
                 "wall_time_s": wall_time_s, "round_costs": self.round_costs(),
                 "round_seconds": {str(r): t for r, t in self.round_seconds.items() if r <= len(result.rounds)},
                 "compute": compute_kind(self.prep.backbone.placement.device),
@@ -366,7 +373,6 @@ class RoundProtocol:
         rounds = rounds_from_json(meta["rounds"])
         self.pending = next((r for r in rounds if r.round == meta["pending"]), None)
         self.kstep = {int(k): v for k, v in meta["kstep"].items()}
-        self.right = {int(k): v for k, v in meta.get("right", {}).items()}
         self.round_seconds = {int(r): t for r, t in meta.get("round_seconds", {}).items()}
         if self.aggregation is not None:
             self.aggregation.restore(meta["server"], meta.get("strategy_state", {}))

@@ -189,6 +189,10 @@ class FlowerServer(RoundProtocol):
         super().__init__(rt.prep, rt.method, rt.model, transport)
         self.global_test_everywhere = bool(rc["node-data"])  # whichever nodes hold the global test file
 
+    def test_size(self, cid: int) -> int:
+        """What the node reported of its test set (a server that holds no data knows only that)."""
+        return int(self.transport.node_info.get(cid, self.prep.clients[cid])["n_test"])
+
     def client_records(self, last):
         for pid, info in self.transport.node_info.items():  # what each node reported of its own data
             self.prep.clients[pid].update(info)
