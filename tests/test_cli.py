@@ -200,6 +200,13 @@ def test_compare_over_seeds_reports_mean_and_sample_std_of_each_seed(tmp_path, c
     goal = (out / "comparison.md").read_text().split("Goal:")[1]
     cells = next(line for line in goal.splitlines() if line.startswith("| fedslip |")).split(" | ")
     assert cells[2].endswith(f"({seeds_met} of 2 seeds)")  # the global part, counted from the seed folders
+    won = lost = 0  # the personal part pools every seed's right answers, read here from each seed's results.json
+    for s in (0, 3):
+        doc = json.loads((out / f"seed-{s}" / "results.json").read_text())["methods"]
+        for mine, theirs in zip(doc["fedslip"]["clients"], doc["fedavg"]["clients"], strict=True):
+            pairs = list(zip(mine["personal_right"], theirs["kstep_right"], strict=True))
+            won, lost = won + pairs.count(("1", "0")), lost + pairs.count(("0", "1"))
+    assert f"of 2 seeds; pooled: {won} won, {lost} lost; difference " in cells[1]
 
 
 @pytest.mark.parametrize("spec", ["0,x", "1,1", "-1", ","])

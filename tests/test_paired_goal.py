@@ -77,8 +77,22 @@ def test_the_goal_table_says_won_lost_and_the_interval_and_only_for_one_seed():
     text = to_markdown([goal])
     assert "(net +0 of 8 examples: 1 won, 1 lost; difference " in text and "95 % interval)" in text
     assert "won / lost: test examples only" in text
-    (over_seeds,) = goal_rows(rows, {0: rows, 1: rows})  # the means of seeds: no interval, the seed counts
-    assert "paired" not in over_seeds["parts"][0] and "won / lost" not in to_markdown([over_seeds])
+    means = [{k: v for k, v in r.items() if not k.endswith(("_right", "_correct"))} for r in rows]
+    (over_seeds,) = goal_rows(means, {0: rows, 1: rows})  # the seeds' answers pooled: twice the counts
+    assert {k: over_seeds["parts"][0]["paired"][k] for k in ("won", "lost")} == {"won": 2, "lost": 2}
+    assert "(2 of 2 seeds; pooled: 2 won, 2 lost; difference " in to_markdown([over_seeds])
+    one_short = {0: rows, 1: [{k: v for k, v in r.items() if not k.endswith("_right")} for r in rows]}
+    assert "paired" not in goal_rows(means, one_short)[0]["parts"][0]  # a seed without answers: no pooling
+
+
+def test_pooling_seeds_narrows_the_interval():
+    """Three seeds' answers, each as one seed alone gives them: pooled, the interval is narrower than any one's."""
+    gen = np.random.default_rng(7)
+    seeds = [([bits(gen.random(200) < 0.92)], [bits(gen.random(200) < 0.90)]) for _ in range(3)]
+    alone = [paired(o, t) for o, t in seeds]
+    pooled = paired([c for o, _ in seeds for c in o], [c for _, t in seeds for c in t])
+    assert pooled["won"] == sum(a["won"] for a in alone) and pooled["lost"] == sum(a["lost"] for a in alone)
+    assert pooled["high"] - pooled["low"] < min(a["high"] - a["low"] for a in alone)
 
 
 def test_clients_report_the_right_answers_of_the_views_they_score(tiny_prep, tmp_path):

@@ -87,7 +87,7 @@ def goal_rows(rows: Sequence[Mapping], per_seed: Mapping[int, Sequence[Mapping]]
             counts = row.get(CORRECT.get(ours, "")), fedavg.get(CORRECT.get(theirs, ""))
             if None not in counts and counts[0][1] == counts[1][1]:  # the same clients' test examples
                 entry["net"], entry["examples"] = counts[0][0] - counts[1][0], counts[0][1]
-            if not per_seed and ours in RIGHT:  # over seeds, the seed counts say how sure the means are
+            if not per_seed and ours in RIGHT:
                 pair = paired(row.get(RIGHT[ours]) or [], fedavg.get(RIGHT[theirs]) or [])
                 if pair is not None:
                     entry["paired"] = pair
@@ -97,6 +97,13 @@ def goal_rows(rows: Sequence[Mapping], per_seed: Mapping[int, Sequence[Mapping]]
                 pairs = [(a, b) for a, b in pairs if a and b and a.get(ours) is not None and b.get(theirs) is not None]
                 entry["seeds_met"] = sum(_met(part, a[ours], b[theirs], slack) for a, b in pairs)
                 entry["seeds"] = len(pairs)
+                if (ours in RIGHT and len(pairs) == len(per_seed)
+                        and all(a.get(RIGHT[ours]) and b.get(RIGHT[theirs]) for a, b in pairs)):
+                    # every seed's clients, each a stratum of its own: their mean is the mean over seeds
+                    pair = paired([c for a, _ in pairs for c in a[RIGHT[ours]]],
+                                  [c for _, b in pairs for c in b[RIGHT[theirs]]])
+                    if pair is not None:
+                        entry["paired"] = pair
             parts.append(entry)
         out.append({"method": row["method"], "parts": parts, "met": all(p["met"] for p in parts)})
     return out
@@ -110,14 +117,14 @@ def to_markdown(goals: Sequence[dict]) -> str:
     def cell(p: dict) -> str:
         ours, theirs = _pair(p["part"], p["ours"], p["fedavg"])
         text = f"{ours} vs {theirs}: {'met' if p['met'] else 'NOT met'}"
+        q = p.get("paired")
+        answers = (f"{q['won']} won, {q['lost']} lost; difference {100 * q['low']:+.1f} to {100 * q['high']:+.1f} "
+                   "points, 95 % interval") if q else ""
         if "net" in p:  # how many test examples the difference is: one example may decide it
-            text += f" (net {p['net']:+d} of {p['examples']:,} examples"
-            if "paired" in p:
-                q = p["paired"]
-                text += (f": {q['won']} won, {q['lost']} lost; difference "
-                         f"{100 * q['low']:+.1f} to {100 * q['high']:+.1f} points, 95 % interval")
-            text += ")"
-        return text + (f" ({p['seeds_met']} of {p['seeds']} seeds)" if "seeds" in p else "")
+            text += f" (net {p['net']:+d} of {p['examples']:,} examples" + (f": {answers}" if q else "") + ")"
+        if "seeds" in p:
+            text += f" ({p['seeds_met']} of {p['seeds']} seeds" + (f"; pooled: {answers}" if q else "") + ")"
+        return text
 
     seeds = "seeds" in goals[0]["parts"][0]
     header = ["Method"] + [p["part"] for p in goals[0]["parts"]] + ["all three" + (" (means)" if seeds else "")]
@@ -128,7 +135,7 @@ def to_markdown(goals: Sequence[dict]) -> str:
     return table
 
 
-PAIRED_NOTE = ("won / lost: test examples only the method's personal view / only fedavg's K-step got right. The "
-               "interval resamples each client's test examples with the models fixed (bootstrap, "
-               f"{RESAMPLES:,} resamples): one that spans 0 means these test sets cannot tell the two apart. "
-               "It does not include what another training seed would change.")
+PAIRED_NOTE = ("won / lost: test examples only the method's personal view / only fedavg's K-step got right "
+               "(pooled: over every seed's clients). The interval resamples each client's test examples with the "
+               f"models fixed (bootstrap, {RESAMPLES:,} resamples): one that spans 0 means these test sets cannot "
+               "tell the two apart. It does not include what another training seed would change.")
