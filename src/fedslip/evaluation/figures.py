@@ -169,7 +169,8 @@ def _headline(with_data: list[tuple[MethodResult, dict]]) -> tuple[MethodResult,
     """The method whose per-round curves say the most: the most evaluated rounds, the last listed among equals
     (a one-round method such as local, listed last, would draw single points)."""
     rounds = [max(len(pts) for pts in series.values()) for _, series in with_data]
-    return with_data[max(i for i, n in enumerate(rounds) if n == max(rounds))]
+    most = max(rounds)
+    return with_data[max(i for i, n in enumerate(rounds) if n == most)]
 
 
 def _panel_per_client(ax: Axes, results: Sequence[MethodResult], colors: dict[str, str]) -> None:
