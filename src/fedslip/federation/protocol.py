@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import shutil
 import signal
 import time
 from dataclasses import asdict
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedslip.atomic import atomic_file
 from fedslip.errors import UserError, warn
 from fedslip.evaluation.ledger import Ledger
 from fedslip.evaluation.metrics import summarize
@@ -327,7 +327,8 @@ class RoundProtocol:
         changed = [k for k, v in result_scores(result).items() if not _same(v, before.get(k))]
         if changed:
             kept = checkpoint.with_name(checkpoint.name + ".before-rescore")
-            shutil.copy2(checkpoint, kept)
+            with atomic_file(kept, binary=True) as f:  # a copy cut short is never left under that name
+                f.write(checkpoint.read_bytes())
             warn(f"{self.method.name}: scored again from {checkpoint}, {len(changed)} score(s) differ from the "
                  f"recorded ones (e.g. {changed[0]}: {before.get(changed[0])} → {result_scores(result)[changed[0]]}); "
                  f"the checkpoint as it was is kept in {kept}")
