@@ -56,6 +56,9 @@ def test_values_that_round_alike_get_the_decimals_that_tell_them_apart():
     assert "| 89.996 vs 90.000: NOT met |" in text
     (goal,) = goal_rows([FEDAVG, row("fedslip-plus", glob=0.85, personal=0.90)])
     assert "| 90.0 vs 90.0: met |" in to_markdown([goal])
+    # the same counts, averaged in another order, differ in the last bit: still equal, no extra decimals
+    (goal,) = goal_rows([FEDAVG, row("fedslip-plus", glob=0.85, personal=0.90 + 1e-15)])
+    assert "| 90.0 vs 90.0: met |" in to_markdown([goal])
 
 
 def test_the_personal_part_says_how_many_test_examples_the_difference_is():

@@ -45,9 +45,10 @@ def _fmt(part: str, x: float, extra: int = 0) -> str:
 
 
 def _pair(part: str, ours: float, theirs: float) -> tuple[str, str]:
-    """Both values, with as many more decimals (up to 3) as it takes for unequal values to read unequal."""
+    """Both values, with as many more decimals (up to 3) as it takes for unequal values to read unequal (values
+    within EPS are equal: the same counts, summed in another order)."""
     extra = 0
-    while extra < 3 and ours != theirs and _fmt(part, ours, extra) == _fmt(part, theirs, extra):
+    while extra < 3 and abs(ours - theirs) > EPS and _fmt(part, ours, extra) == _fmt(part, theirs, extra):
         extra += 1
     return _fmt(part, ours, extra), _fmt(part, theirs, extra)
 
