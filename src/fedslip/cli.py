@@ -164,15 +164,14 @@ def _write_seed_summary(out: Path, per_seed: dict[int, list[dict]], methods: lis
     from fedslip.evaluation import seeds as summary
     from fedslip.evaluation.figures import save_figure
     from fedslip.evaluation.goal import goal_rows
-    from fedslip.evaluation.outputs import staged, with_goal, write_dicts
+    from fedslip.evaluation.outputs import staged, with_goal, without_answers, write_dicts
 
     rows = summary.summary_rows(per_seed)
     text = with_goal(summary.to_markdown(rows), goal_rows(rows, per_seed))
     with staged(out) as stage:
         (stage / "comparison.md").write_text(text, encoding="utf-8")
         summary.write_csv(rows, stage / "comparison.csv")
-        write_dicts([{"seed": s, **{k: v for k, v in r.items() if not k.endswith("_right")}}
-                     for s, rs in per_seed.items() for r in rs], stage / "seeds.csv")
+        write_dicts([{"seed": s, **without_answers(r)} for s, rs in per_seed.items() for r in rs], stage / "seeds.csv")
         save_figure(summary.build_figure(rows, f"{', '.join(methods)} · seeds {', '.join(map(str, per_seed))}"),
                     stage / "figure.png")
     print(text, end="")

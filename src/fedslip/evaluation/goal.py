@@ -64,13 +64,21 @@ def paired(ours: Sequence[str], theirs: Sequence[str]) -> dict | None:
     gen = np.random.default_rng(0)  # the same interval every time the same answers are compared
     diffs, won, lost = np.zeros(RESAMPLES), 0, 0
     for a, b in zip(ours, theirs):
-        d = np.array([int(x) - int(y) for x, y in zip(a, b)])
+        d = np.frombuffer(a.encode(), np.uint8).astype(int) - np.frombuffer(b.encode(), np.uint8)
         won, lost = won + int((d > 0).sum()), lost + int((d < 0).sum())
         for start in range(0, RESAMPLES, 250):  # bounded memory on large test sets
             n = min(250, RESAMPLES - start)
             diffs[start:start + n] += d[gen.integers(0, len(d), size=(n, len(d)))].mean(axis=1)
     low, high = np.quantile(diffs / len(ours), [0.025, 0.975])
     return {"won": won, "lost": lost, "low": float(low), "high": float(high)}
+
+
+def _pooled(pairs: Sequence[tuple[Mapping, Mapping]], ours: str, theirs: str) -> dict | None:
+    """`paired` over (candidate row, fedavg row) pairs, every client of every pair a stratum of its own (over
+    seeds, their mean is the mean over seeds); None unless every row has the right answers."""
+    if ours not in RIGHT or not all(a.get(RIGHT[ours]) and b.get(RIGHT[theirs]) for a, b in pairs):
+        return None
+    return paired([c for a, _ in pairs for c in a[RIGHT[ours]]], [c for _, b in pairs for c in b[RIGHT[theirs]]])
 
 
 def goal_rows(rows: Sequence[Mapping], per_seed: Mapping[int, Sequence[Mapping]] | None = None) -> list[dict]:
@@ -88,23 +96,16 @@ def goal_rows(rows: Sequence[Mapping], per_seed: Mapping[int, Sequence[Mapping]]
             counts = row.get(CORRECT.get(ours, "")), fedavg.get(CORRECT.get(theirs, ""))
             if None not in counts and counts[0][1] == counts[1][1]:  # the same clients' test examples
                 entry["net"], entry["examples"] = counts[0][0] - counts[1][0], counts[0][1]
-            if not per_seed and ours in RIGHT:
-                pair = paired(row.get(RIGHT[ours]) or [], fedavg.get(RIGHT[theirs]) or [])
-                if pair is not None:
-                    entry["paired"] = pair
+            if not per_seed and (pair := _pooled([(row, fedavg)], ours, theirs)):
+                entry["paired"] = pair
             if per_seed:
                 pairs = [(next((r for r in rs if r["method"] == row["method"]), None),
                           next((r for r in rs if r["method"] == "fedavg"), None)) for rs in per_seed.values()]
                 pairs = [(a, b) for a, b in pairs if a and b and a.get(ours) is not None and b.get(theirs) is not None]
                 entry["seeds_met"] = sum(_met(part, a[ours], b[theirs], slack) for a, b in pairs)
                 entry["seeds"] = len(pairs)
-                if (ours in RIGHT and len(pairs) == len(per_seed)
-                        and all(a.get(RIGHT[ours]) and b.get(RIGHT[theirs]) for a, b in pairs)):
-                    # every seed's clients, each a stratum of its own: their mean is the mean over seeds
-                    pair = paired([c for a, _ in pairs for c in a[RIGHT[ours]]],
-                                  [c for _, b in pairs for c in b[RIGHT[theirs]]])
-                    if pair is not None:
-                        entry["paired"] = pair
+                if len(pairs) == len(per_seed) and (pair := _pooled(pairs, ours, theirs)):
+                    entry["paired"] = pair
             parts.append(entry)
         out.append({"method": row["method"], "parts": parts, "met": all(p["met"] for p in parts)})
     return out

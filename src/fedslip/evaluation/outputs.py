@@ -28,9 +28,9 @@ from fedslip.evaluation.tables import comparison_rows, to_csv, to_markdown
 from fedslip.prepare import Prepared
 
 
-def _scores(client) -> dict:
-    """A client's row of clients.csv: its record without the per-example right answers (results.json has them)."""
-    return {k: v for k, v in asdict(client).items() if not k.endswith("_right")}
+def without_answers(row: dict) -> dict:
+    """A CSV row without the per-example right answers (`*_right`: results.json has them)."""
+    return {k: v for k, v in row.items() if not k.endswith("_right")}
 
 
 def environment() -> dict[str, str | int | None]:
@@ -108,7 +108,7 @@ def write_outputs(out: Path, prep: Prepared, runs: list[tuple[MethodResult, Ledg
         }
         (stage / "results.json").write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
         write_dicts(_rounds_rows(results), stage / "rounds.csv")
-        write_dicts([{"method": r.method, **_scores(c)} for r in results for c in r.clients], stage / "clients.csv")
+        write_dicts([{"method": r.method, **without_answers(asdict(c))} for r in results for c in r.clients], stage / "clients.csv")
         write_ledger_csv([ledger for _, ledger in runs], stage / "ledger.csv")
         rows = comparison_rows(results)
         (stage / "comparison.md").write_text(with_goal(to_markdown(rows), goal_rows(rows)), encoding="utf-8")

@@ -309,8 +309,8 @@ class RoundProtocol:
     def rescore(self, result: MethodResult, checkpoint: Path) -> MethodResult:
         """A finished run's final evaluation once more, from the models in its checkpoint: every client scores
         the final global model with its own state (K-step included), held-out clients join again; then the
-        checkpoint holds the new scores (where one differs, a copy of it as it was is kept beside it). For what a run made before it lacks (`train.eval_per_example`'s right
-        answers). Nothing trains, nothing new is counted as sent; a recorded score the new one does not
+        checkpoint holds the new scores (where one differs, a copy of it as it was is kept beside it). For
+        what a run made before it lacks (`train.eval_per_example`'s right answers). Nothing trains, nothing new is counted as sent; a recorded score the new one does not
         reproduce gets a warning (other hardware or code)."""
         if not self.states_restored:
             raise UserError(f"--rescore: {checkpoint} holds no clients' states (a Flower run keeps them on its "
